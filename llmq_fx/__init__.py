@@ -1,0 +1,40 @@
+"""llmq_fx: W4A4 quantization of LLMs as torch.fx graph rewrites, exported to ONNX.
+
+    gm = llmq_fx.trace(model)                        # torch.export -> GraphModule
+    qgm = llmq_fx.quantize(gm, calib_ids, config)    # observe, calibrate, smooth, group, QDQ
+    llmq_fx.summary(qgm)                             # one row per Linear
+"""
+
+from llmq_fx import ops  # noqa: F401  (registers the llmq custom ops)
+from llmq_fx.calibrate import calibrate
+from llmq_fx.capture import trace
+from llmq_fx.config import QuantConfig
+from llmq_fx.errors import (
+    CalibrationError,
+    CheckpointError,
+    ConfigError,
+    ExportError,
+    LlmqError,
+    StatisticsError,
+    UnsupportedModelError,
+)
+from llmq_fx.quantize import quantize
+from llmq_fx.summary import format_summary, summary
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "trace",
+    "quantize",
+    "calibrate",
+    "summary",
+    "format_summary",
+    "QuantConfig",
+    "LlmqError",
+    "UnsupportedModelError",
+    "ConfigError",
+    "CalibrationError",
+    "StatisticsError",
+    "CheckpointError",
+    "ExportError",
+]

@@ -1,0 +1,105 @@
+"""Capture a Hugging Face causal LM as a ``torch.fx.GraphModule`` with ``torch.export``.
+
+The old transformers fx tracer is gone in transformers 5 and ``torch.fx.symbolic_trace`` fails on
+HF attention code, so the model is exported non-strict with dynamic batch and sequence dims. The
+wrapper re-registers the model's own children under their own names, so every parameter and every
+``nn_module_stack`` path in the graph is spelled exactly as in the HF model
+(``model.decoder.layers.3.self_attn.q_proj.weight``).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import torch
+from torch import fx, nn
+from torch.export import Dim
+
+from llmq_fx.errors import UnsupportedModelError
+from llmq_fx.graph import linear_nodes
+
+__all__ = ["trace"]
+
+logger = logging.getLogger(__name__)
+
+
+class _LogitsOnly(nn.Module):
+    """``forward(input_ids) -> logits``, exposing the wrapped model's children as its own."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        for name, p in model.named_parameters(recurse=False):
+            self.register_parameter(name, p)
+        object.__setattr__(self, "_hf", model)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        out = self._hf(input_ids=input_ids, use_cache=False)
+        return out.logits if hasattr(out, "logits") else out[0]
+
+
+def _max_seq_len(model: nn.Module) -> int | None:
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "max_position_embeddings", None)
+
+
+def _failing_op(err: BaseException) -> str:
+    text = f"{type(err).__name__}: {err}"
+    m = re.search(r"(aten\.[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?|torch\.ops\.[A-Za-z0-9_.]+)", text)
+    first = text.strip().splitlines()[0][:300] if text.strip() else type(err).__name__
+    return f"op {m.group(1)}: {first}" if m else first
+
+
+def trace(model: nn.Module, example_inputs: tuple[torch.Tensor] | torch.Tensor | None = None) -> fx.GraphModule:
+    """Capture ``model`` as a GraphModule ``input_ids [batch, seq] -> logits``.
+
+    Args:
+        model: a Hugging Face causal LM (``OPTForCausalLM``; Llama-family models work too).
+        example_inputs: ``(input_ids,)`` used for the export; by default a random ``[2, 16]`` batch
+            (batch 2 so that the batch dim stays dynamic instead of being specialised to 1).
+
+    Returns:
+        A ``torch.fx.GraphModule`` whose outputs equal the eager model's for any batch size and any
+        sequence length up to ``max_position_embeddings``. Its parameters are the model's own
+        tensors under their HF names (shared, not copied).
+
+    Raises:
+        UnsupportedModelError: naming the model class and the failing op.
+
+    Example:
+        >>> gm = llmq_fx.trace(OPTForCausalLM(config))
+        >>> logits = gm(input_ids)
+    """
+    cls = type(model).__name__
+    if not isinstance(model, nn.Module):
+        raise UnsupportedModelError(f"trace() takes a torch.nn.Module, got {cls}")
+    model.eval()
+    if example_inputs is None:
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        vocab = getattr(getattr(model, "config", None), "vocab_size", 2) or 2
+        max_len = _max_seq_len(model) or 16
+        gen = torch.Generator().manual_seed(0)
+        example_inputs = (torch.randint(0, vocab, (2, min(16, max_len)), generator=gen).to(device),)
+    elif isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    ids = example_inputs[0]
+    if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
+        raise UnsupportedModelError(f"example input_ids must be an integer [batch, seq] tensor, got {ids.dtype} {tuple(ids.shape)}")
+
+    max_len = _max_seq_len(model)
+    seq = Dim("seq", min=1, max=max_len) if max_len else Dim("seq", min=1)
+    dynamic = ({0: Dim("batch", min=1), 1: seq},)
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(_LogitsOnly(model), tuple(example_inputs), strict=False, dynamic_shapes=dynamic)
+    except Exception as err:  # torch.export raises many unrelated types; the user needs one message
+        raise UnsupportedModelError(f"cannot capture {cls} with torch.export: {_failing_op(err)}") from err
+    gm = ep.module()
+    if not linear_nodes(gm.graph):
+        raise UnsupportedModelError(f"{cls} traced, but its graph has no aten.linear node to quantize")
+    gm.meta["llmq_fx"] = {"model_class": cls, "model_type": getattr(getattr(model, "config", None), "model_type", None)}
+    logger.info("captured %s: %d nodes, %d linears", cls, len(gm.graph.nodes), len(linear_nodes(gm.graph)))
+    return gm

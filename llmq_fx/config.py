@@ -1,0 +1,125 @@
+"""``QuantConfig``: what to quantize and how, loadable from a dict, YAML or TOML file."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llmq_fx.errors import ConfigError
+
+__all__ = ["QuantConfig", "SITE_ROLES"]
+
+# The roles a Linear input (an activation site) can play; the graph decides a site's role by
+# pattern (see ``llmq_fx.graph.site_role``). ``other`` covers lm_head and OPT-350m's projections.
+SITE_ROLES = ("qkv", "out_proj", "fc1", "fc2", "other")
+_SMOOTHABLE = ("qkv", "fc1", "fc2", "out_proj")
+_FEATURES = ("minmax", "maxstd")
+
+
+@dataclass
+class QuantConfig:
+    """Configuration of ``llmq_fx.quantize``.
+
+    Attributes:
+        w_bits: weight bits (2..8), or None to leave weights in float.
+        a_bits: activation bits (2..8), or None to leave activations in float.
+        w_group_size: None for one scale per output channel, else input channels per group.
+        a_symmetric: symmetric (signed, zero point 0) activation codes instead of asymmetric.
+        smooth_alpha: SmoothQuant migration strength in (0, 1], or None for no smoothing.
+        smooth_sites: which sites to smooth, by role: ``qkv`` and ``fc1`` fold into the preceding
+            norm, ``fc2`` into fc1's output rows (ReLU), ``out_proj`` into v_proj's output rows.
+        n_clusters: activation clusters per site, an int or a dict by role (1 = per tensor).
+        cluster_features: ``minmax`` (RPTQ) or ``maxstd`` (absmax, std) k-means features.
+        skip: module-path patterns (fnmatch) of Linears left entirely in float.
+        seed / kmeans_n_init: k-means determinism.
+        calib_batch_size: sequences per calibration forward.
+    """
+
+    w_bits: int | None = 4
+    a_bits: int | None = 4
+    w_group_size: int | None = None
+    a_symmetric: bool = False
+    smooth_alpha: float | None = 0.5
+    smooth_sites: list[str] = field(default_factory=lambda: ["qkv", "fc1", "fc2", "out_proj"])
+    n_clusters: int | dict[str, int] = 8
+    cluster_features: str = "minmax"
+    skip: list[str] = field(default_factory=lambda: ["lm_head"])
+    seed: int = 0
+    kmeans_n_init: int = 4
+    calib_batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        for key in ("w_bits", "a_bits"):
+            v = getattr(self, key)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 2 <= v <= 8):
+                raise ConfigError(f"config key {key!r} must be an integer in 2..8 or null, got {v!r}")
+        g = self.w_group_size
+        if g is not None and (not isinstance(g, int) or isinstance(g, bool) or g < 1):
+            raise ConfigError(f"config key 'w_group_size' must be a positive integer or null, got {g!r}")
+        a = self.smooth_alpha
+        if a is not None and (not isinstance(a, (int, float)) or isinstance(a, bool) or not 0 < a <= 1):
+            raise ConfigError(f"config key 'smooth_alpha' must be in (0, 1] or null, got {a!r}")
+        if not isinstance(self.smooth_sites, (list, tuple)):
+            raise ConfigError(f"config key 'smooth_sites' must be a list, got {self.smooth_sites!r}")
+        for s in self.smooth_sites:
+            if s not in _SMOOTHABLE:
+                raise ConfigError(f"config key 'smooth_sites' has unknown site {s!r}; choose from {_SMOOTHABLE}")
+        nc = self.n_clusters
+        items = nc.items() if isinstance(nc, dict) else [("n_clusters", nc)]
+        for k, v in items:
+            if isinstance(nc, dict) and k not in SITE_ROLES:
+                raise ConfigError(f"config key 'n_clusters.{k}' is not a site role; choose from {SITE_ROLES}")
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"config key 'n_clusters' must be a positive integer, got {k}={v!r}")
+        if self.cluster_features not in _FEATURES:
+            raise ConfigError(f"config key 'cluster_features' must be one of {_FEATURES}, got {self.cluster_features!r}")
+        if not isinstance(self.skip, (list, tuple)) or not all(isinstance(p, str) for p in self.skip):
+            raise ConfigError(f"config key 'skip' must be a list of module-name patterns, got {self.skip!r}")
+        for key in ("kmeans_n_init", "calib_batch_size"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"config key {key!r} must be a positive integer, got {v!r}")
+
+    def clusters_for(self, role: str) -> int:
+        if isinstance(self.n_clusters, dict):
+            return self.n_clusters.get(role, 1)
+        return self.n_clusters
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "QuantConfig":
+        if not isinstance(data, dict):
+            raise ConfigError(f"a config must be a mapping of keys to values, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in data:
+            if key not in known:
+                raise ConfigError(f"unknown config key {key!r}; known keys: {', '.join(sorted(known))}")
+        return cls(**data)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "QuantConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        text = path.read_text()
+        try:
+            if path.suffix == ".toml":
+                data = tomllib.loads(text)
+            elif path.suffix == ".json":
+                data = json.loads(text)
+            else:
+                data = yaml.safe_load(text) or {}
+        except (yaml.YAMLError, tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"cannot parse config file {path}: {e}") from None
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,226 @@
+"""Pattern helpers shared by the passes: what a Linear, a norm, an observer site look like.
+
+Everything here reads the graph, never module names: a site's role (``qkv``, ``out_proj``,
+``fc1``, ``fc2``) is decided by what the Linear input is connected to, so a new model family is a
+new pattern here, not a fork of the passes.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from llmq_fx.stats import ActivationObserver
+
+__all__ = [
+    "LINEAR_OPS",
+    "VIEW_OPS",
+    "ObserverSite",
+    "NormAffine",
+    "is_linear",
+    "linear_nodes",
+    "module_path",
+    "attr",
+    "set_attr",
+    "observer_sites",
+    "norm_affine",
+    "site_role",
+    "is_skipped",
+    "attr_users_elsewhere",
+]
+
+aten = torch.ops.aten
+
+LINEAR_OPS = {aten.linear.default}
+# Ops that move or relabel elements without mixing channels of one token with each other's values.
+VIEW_OPS = {
+    aten.view.default,
+    aten.reshape.default,
+    aten._unsafe_view.default,
+    aten.transpose.int,
+    aten.permute.default,
+    aten.contiguous.default,
+    aten.clone.default,
+    aten.slice.Tensor,
+    aten.alias.default,
+    aten.dropout.default,  # exported in eval mode: identity
+}
+_ATTENTION_OPS = {aten.scaled_dot_product_attention.default}
+_POSITIVELY_HOMOGENEOUS = {aten.relu.default}
+_ACTIVATIONS = {aten.relu.default, aten.gelu.default, aten.silu.default, aten.mul.Tensor}
+_CASTS = {aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout}
+
+
+def is_linear(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in LINEAR_OPS
+
+
+def linear_nodes(graph: fx.Graph) -> list[fx.Node]:
+    return [n for n in graph.nodes if is_linear(n)]
+
+
+def module_path(node: fx.Node) -> str:
+    """Module path of a node in the source model (``model.decoder.layers.3.self_attn.q_proj``)."""
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1][0]
+        # Strict-mode exports spell the root as L['self']; keep only the dotted module path.
+        return path.replace("L['self'].", "").replace("L__self___", "")
+    if is_linear(node) and isinstance(node.args[1], fx.Node) and node.args[1].op == "get_attr":
+        return node.args[1].target.rsplit(".", 1)[0]
+    return node.name
+
+
+def attr(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    """The tensor behind a ``get_attr`` target (parameter or buffer, dotted path)."""
+    owner, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, name)
+
+
+def set_attr(gm: fx.GraphModule, target: str, value: torch.Tensor, buffer: bool = True) -> None:
+    """Create or replace a buffer/parameter at a dotted path, creating no new submodules."""
+    owner, _, name = target.rpartition(".")
+    mod = gm.get_submodule(owner) if owner else gm
+    if hasattr(mod, name):
+        delattr(mod, name)
+    if buffer:
+        mod.register_buffer(name, value)
+    else:
+        mod.register_parameter(name, torch.nn.Parameter(value, requires_grad=False))
+
+
+def attr_users_elsewhere(gm: fx.GraphModule, get_attr_node: fx.Node, allowed: fx.Node) -> list[str]:
+    """Other users of a parameter: graph users besides ``allowed`` and other names for the same tensor.
+
+    Tied weights (OPT's embedding and lm_head) show up either as one get_attr node with several users
+    or as two attribute names sharing storage; folding a scale into either would corrupt the other.
+    """
+    others = [u.name for u in get_attr_node.users if u is not allowed]
+    tensor = attr(gm, get_attr_node.target)
+    for name, p in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
+        if name != get_attr_node.target and p.data_ptr() == tensor.data_ptr() and p.numel():
+            others.append(name)
+    return others
+
+
+def is_skipped(path: str, patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatchcase(path, p) or fnmatch.fnmatchcase(path, f"*.{p}") for p in patterns)
+
+
+@dataclass
+class ObserverSite:
+    """One activation site: an observer node, its producer and the Linears it feeds."""
+
+    observer: fx.Node
+    producer: fx.Node
+    consumers: list[fx.Node]
+    module: ActivationObserver
+    name: str
+    role: str = "other"
+    info: dict = field(default_factory=dict)
+
+
+def observer_sites(gm: fx.GraphModule) -> list[ObserverSite]:
+    """All observer sites in graph order (the observer pass must have run)."""
+    sites = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        mod = gm.get_submodule(node.target)
+        if not isinstance(mod, ActivationObserver):
+            continue
+        meta = node.meta.get("llmq_site", {})
+        consumers = [u for u in node.users if is_linear(u)]
+        sites.append(
+            ObserverSite(node, node.args[0], consumers, mod, meta.get("name", node.target), meta.get("role", "other"), meta)
+        )
+    return sites
+
+
+def _through_views(node: fx.Node) -> fx.Node:
+    """Walk up through view-like ops and casts to the node that produced the values."""
+    while node.op == "call_function" and (node.target in VIEW_OPS or node.target in _CASTS):
+        node = node.args[0]
+    return node
+
+
+@dataclass
+class NormAffine:
+    """The affine part of a normalization: ``y = normalized(x) * weight (+ bias)``."""
+
+    node: fx.Node
+    weight: fx.Node  # get_attr
+    bias: fx.Node | None  # get_attr, or None (RMSNorm)
+    kind: str  # "layer_norm" | "rms_norm"
+
+
+def norm_affine(node: fx.Node) -> NormAffine | None:
+    """Match a normalization whose per-channel weight (and bias) can absorb a scale.
+
+    * LayerNorm: one ``aten.layer_norm`` node with ``get_attr`` weight and bias.
+    * RMSNorm as ``torch.export`` decomposes it (Llama): ``mul(weight, x * rsqrt(mean(x^2) + eps))``,
+      the weight multiplied in last.
+    """
+    if node.op != "call_function":
+        return None
+    if node.target == aten.layer_norm.default:
+        args = list(node.args) + [None] * 4
+        w, b = args[2], args[3]
+        if isinstance(w, fx.Node) and w.op == "get_attr" and (b is None or (isinstance(b, fx.Node) and b.op == "get_attr")):
+            return NormAffine(node, w, b, "layer_norm")
+        return None
+    if node.target == aten.mul.Tensor and len(node.args) == 2:
+        a, b = node.args
+        for w, other in ((a, b), (b, a)):
+            if isinstance(w, fx.Node) and w.op == "get_attr" and isinstance(other, fx.Node):
+                src = _through_views(other)
+                if src.op == "call_function" and src.target == aten.mul.Tensor and any(
+                    isinstance(x, fx.Node) and x.op == "call_function" and x.target == aten.rsqrt.default for x in src.args
+                ):
+                    return NormAffine(node, w, None, "rms_norm")
+    return None
+
+
+def _feeds_attention(node: fx.Node, depth: int = 6) -> bool:
+    """Whether a Linear's output reaches an attention op's q/k/v input through views and scalings."""
+    frontier = [node]
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            for u in n.users:
+                if u.op != "call_function":
+                    continue
+                if u.target in _ATTENTION_OPS:
+                    return True
+                if u.target in VIEW_OPS or u.target in _CASTS or u.target in (aten.mul.Tensor, aten.div.Tensor):
+                    nxt.append(u)
+        frontier = nxt
+    return False
+
+
+def attention_value_source(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """If ``node`` is an attention output (through views), return ``(attention node, v_proj linear)``."""
+    attn = _through_views(node)
+    if attn.op != "call_function" or attn.target not in _ATTENTION_OPS:
+        return None
+    value = _through_views(attn.args[2])
+    return (attn, value) if is_linear(value) else None
+
+
+def site_role(producer: fx.Node, consumers: list[fx.Node]) -> str:
+    """Role of an activation site, from the graph around it."""
+    if any(_feeds_attention(c) for c in consumers):
+        return "qkv"
+    if attention_value_source(producer) is not None:
+        return "out_proj"
+    src = _through_views(producer)
+    if src.op == "call_function" and src.target in _ACTIVATIONS:
+        return "fc2"
+    if norm_affine(src) is not None and all(
+        any(u.op == "call_function" and u.target in _ACTIVATIONS for u in c.users) for c in consumers
+    ):
+        return "fc1"
+    return "other"

@@ -1,0 +1,96 @@
+"""Per-channel statistics of Linear inputs, gathered by streaming observers.
+
+``ActivationObserver`` is the module the observer pass inserts between a producer and its Linear
+consumers. It keeps, per input channel, the count, min, max, mean and the sum of squared deviations
+(M2), merged batch by batch with Chan et al.'s parallel update, so no activation is ever stored and
+the result equals a two-pass computation over all calibration tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["ChannelStats", "ActivationObserver"]
+
+
+@dataclass(frozen=True)
+class ChannelStats:
+    """Statistics of one activation tensor's channels over all calibration tokens (float64 vectors)."""
+
+    count: int
+    min: torch.Tensor
+    max: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    @property
+    def absmax(self) -> torch.Tensor:
+        return torch.maximum(self.min.abs(), self.max.abs())
+
+    @property
+    def num_channels(self) -> int:
+        return self.min.numel()
+
+
+class ActivationObserver(nn.Module):
+    """Identity module that records per-channel min/max/mean/std of its input's last dimension."""
+
+    def __init__(self, num_channels: int):
+        super().__init__()
+        self.num_channels = num_channels
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("min_val", torch.full((num_channels,), float("inf"), dtype=torch.float64))
+        self.register_buffer("max_val", torch.full((num_channels,), float("-inf"), dtype=torch.float64))
+        self.register_buffer("mean", torch.zeros(num_channels, dtype=torch.float64))
+        self.register_buffer("m2", torch.zeros(num_channels, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.num_channels:
+            raise ValueError(f"observer expects {self.num_channels} channels, got shape {tuple(x.shape)}")
+        with torch.no_grad():
+            flat = x.detach().reshape(-1, self.num_channels)
+            n = flat.shape[0]
+            if n:
+                self._merge(flat, n)
+        return x
+
+    def _merge(self, flat: torch.Tensor, n: int) -> None:
+        xd = flat.to(torch.float64)
+        batch_mean = xd.mean(dim=0)
+        batch_m2 = ((xd - batch_mean) ** 2).sum(dim=0)
+        # Kept as tensors (no .item()): on CUDA the update never waits for the host.
+        n_a = self.count.clone()
+        total = n_a + n
+        delta = batch_mean - self.mean
+        # Chan, Golub & LeVeque: merging two partial (count, mean, M2) summaries is exact.
+        self.mean += delta * (n / total)
+        self.m2 += batch_m2 + delta**2 * (n_a * n / total)
+        self.count += n
+        self.min_val = torch.minimum(self.min_val, xd.amin(dim=0))
+        self.max_val = torch.maximum(self.max_val, xd.amax(dim=0))
+
+    def stats(self) -> ChannelStats:
+        count = int(self.count.item())
+        var = self.m2 / max(count, 1)
+        return ChannelStats(count, self.min_val.clone(), self.max_val.clone(), self.mean.clone(), var.sqrt())
+
+    @torch.no_grad()
+    def scale_channels(self, s: torch.Tensor) -> None:
+        """Record the statistics of ``x / s`` (per channel, ``s > 0``) without re-calibrating.
+
+        Dividing a channel by a positive constant divides min, max, mean and std by it and keeps
+        min below max, so the transformed summary is exactly the summary of the smoothed input.
+        """
+        s = s.to(self.mean)
+        if torch.any(s <= 0):
+            raise ValueError("smoothing scales must be positive")
+        self.min_val /= s
+        self.max_val /= s
+        self.mean /= s
+        self.m2 /= s**2
+
+    def extra_repr(self) -> str:
+        return f"channels={self.num_channels}, tokens={int(self.count.item())}"
