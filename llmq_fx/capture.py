@@ -36,7 +36,10 @@ class _LogitsOnly(nn.Module):
         object.__setattr__(self, "_hf", model)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        out = self._hf(input_ids=input_ids, use_cache=False)
+        if hasattr(self._hf, "config"):  # Hugging Face model: no KV cache in the captured graph
+            out = self._hf(input_ids=input_ids, use_cache=False)
+        else:
+            out = self._hf(input_ids)
         return out.logits if hasattr(out, "logits") else out[0]
 
 

