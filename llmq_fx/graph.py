@@ -28,6 +28,9 @@ __all__ = [
     "observer_sites",
     "norm_affine",
     "site_role",
+    "attention_output",
+    "attention_value_source",
+    "gated_up_source",
     "is_skipped",
     "attr_users_elsewhere",
 ]
@@ -48,8 +51,11 @@ VIEW_OPS = {
     aten.alias.default,
     aten.dropout.default,  # exported in eval mode: identity
 }
+# Ops that broadcast a head to several heads (grouped-query attention's repeat_kv).
+BROADCAST_OPS = {aten.unsqueeze.default, aten.expand.default}
 _ATTENTION_OPS = {aten.scaled_dot_product_attention.default}
-_POSITIVELY_HOMOGENEOUS = {aten.relu.default}
+# What RoPE does to q and k between the projection and attention.
+_ROPE_OPS = {aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor, aten.neg.default, aten.cat.default}
 _ACTIVATIONS = {aten.relu.default, aten.gelu.default, aten.silu.default, aten.mul.Tensor}
 _CASTS = {aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout}
 
@@ -140,9 +146,10 @@ def observer_sites(gm: fx.GraphModule) -> list[ObserverSite]:
     return sites
 
 
-def _through_views(node: fx.Node) -> fx.Node:
-    """Walk up through view-like ops and casts to the node that produced the values."""
-    while node.op == "call_function" and (node.target in VIEW_OPS or node.target in _CASTS):
+def _through_views(node: fx.Node, broadcast: bool = False) -> fx.Node:
+    """Walk up through view-like ops and casts (and head broadcasts) to the node that produced the values."""
+    ops = VIEW_OPS | _CASTS | (BROADCAST_OPS if broadcast else set())
+    while node.op == "call_function" and node.target in ops:
         node = node.args[0]
     return node
 
@@ -184,8 +191,8 @@ def norm_affine(node: fx.Node) -> NormAffine | None:
     return None
 
 
-def _feeds_attention(node: fx.Node, depth: int = 6) -> bool:
-    """Whether a Linear's output reaches an attention op's q/k/v input through views and scalings."""
+def _feeds_attention(node: fx.Node, depth: int = 10) -> bool:
+    """Whether a Linear's output reaches an attention op's q/k/v input through views, RoPE and head repeats."""
     frontier = [node]
     for _ in range(depth):
         nxt = []
@@ -195,18 +202,24 @@ def _feeds_attention(node: fx.Node, depth: int = 6) -> bool:
                     continue
                 if u.target in _ATTENTION_OPS:
                     return True
-                if u.target in VIEW_OPS or u.target in _CASTS or u.target in (aten.mul.Tensor, aten.div.Tensor):
+                if u.target in VIEW_OPS or u.target in _CASTS or u.target in BROADCAST_OPS or u.target in _ROPE_OPS:
                     nxt.append(u)
         frontier = nxt
     return False
 
 
-def attention_value_source(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
-    """If ``node`` is an attention output (through views), return ``(attention node, v_proj linear)``."""
+def attention_output(node: fx.Node) -> fx.Node | None:
+    """The attention node whose output ``node`` is (through views), or None."""
     attn = _through_views(node)
-    if attn.op != "call_function" or attn.target not in _ATTENTION_OPS:
+    return attn if attn.op == "call_function" and attn.target in _ATTENTION_OPS else None
+
+
+def attention_value_source(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """If ``node`` is an attention output, return ``(attention node, v_proj linear)``."""
+    attn = attention_output(node)
+    if attn is None:
         return None
-    value = _through_views(attn.args[2])
+    value = _through_views(attn.args[2], broadcast=True)
     return (attn, value) if is_linear(value) else None
 
 
@@ -214,13 +227,31 @@ def site_role(producer: fx.Node, consumers: list[fx.Node]) -> str:
     """Role of an activation site, from the graph around it."""
     if any(_feeds_attention(c) for c in consumers):
         return "qkv"
-    if attention_value_source(producer) is not None:
+    if attention_output(producer) is not None:
         return "out_proj"
     src = _through_views(producer)
+    if norm_affine(src) is not None:
+        if all(any(u.op == "call_function" and u.target in _ACTIVATIONS for u in c.users) for c in consumers):
+            return "fc1"
+        return "other"  # e.g. final norm -> lm_head
     if src.op == "call_function" and src.target in _ACTIVATIONS:
         return "fc2"
-    if norm_affine(src) is not None and all(
-        any(u.op == "call_function" and u.target in _ACTIVATIONS for u in c.users) for c in consumers
-    ):
-        return "fc1"
     return "other"
+
+
+def gated_up_source(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """Match a gated MLP's down_proj input ``act(gate(x)) * up(x)``; return ``(mul node, up linear)``.
+
+    The up projection is the Linear operand of the product; the other operand is an activation of
+    another Linear (the gate).
+    """
+    if node.op != "call_function" or node.target != aten.mul.Tensor or len(node.args) != 2:
+        return None
+    a, b = node.args
+    for act, up in ((a, b), (b, a)):
+        if (
+            isinstance(act, fx.Node) and act.op == "call_function" and act.target in _ACTIVATIONS - {aten.mul.Tensor}
+            and is_linear(act.args[0]) and isinstance(up, fx.Node) and is_linear(up)
+        ):
+            return node, up
+    return None

@@ -11,6 +11,9 @@ depends on the pattern that produces ``x``:
 * ``fc2`` -- Linear(fc1) -> ReLU -> observer -> fc2: fc1's output rows and bias are divided by
   ``s``; valid because ReLU is positively homogeneous, ``relu(z / s) = relu(z) / s`` for ``s > 0``.
   SiLU/GELU are not, so a gated MLP's down_proj is not folded here.
+* ``fc2`` of a gated MLP (Llama) -- ``silu(gate(x)) * up(x)`` -> observer -> down_proj: SiLU is *not*
+  positively homogeneous, so nothing can be folded through the gate's activation; the up projection's
+  output rows absorb ``1/s`` instead, since ``silu(g) * (u / s) = (silu(g) * u) / s``.
 * ``out_proj`` -- v_proj -> attention -> views -> observer -> out_proj: v_proj's output rows and bias
   are divided by ``s``; attention output channel ``j`` is a convex combination of V's channel ``j``
   only, so scaling V's channels scales the output's channels alike (same head split on both sides).
@@ -31,8 +34,10 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from llmq_fx.stats import weight_stats
 from llmq_fx.graph import (
     ObserverSite,
+    BROADCAST_OPS,
     attention_value_source,
     attr,
+    gated_up_source,
     attr_users_elsewhere,
     is_linear,
     is_skipped,
@@ -65,7 +70,7 @@ class SmoothingSite:
 
     def __init__(self, site: ObserverSite, kind: str, upstream: list[tuple[str, int]]):
         self.site = site
-        self.kind = kind  # "norm" | "relu_fc1" | "attention_v"
+        self.kind = kind  # "norm" | "relu_fc1" | "gated_up" | "attention_v"
         self.upstream = upstream  # (attribute target, dim along which channel j lives)
 
     def describe(self) -> str:
@@ -145,12 +150,19 @@ class SmoothPass(PassBase):
                 return None, "fc1/ReLU output has other users"
             return self._linear_rows(gm, site, fc1, "relu_fc1")
 
+        gated = gated_up_source(producer)
+        if gated is not None:
+            mul, up = gated
+            if len(up.users) != 1 or len(mul.users) != 1:
+                return None, "up_proj / gated product has other users"
+            return self._linear_rows(gm, site, up, "gated_up")
+
         av = attention_value_source(producer)
         if av is not None:
             attn, v_proj = av
-            if attn.kwargs.get("enable_gqa", False):
-                return None, "grouped-query attention repeats V channels"
-            if any(not (u.op == "call_function" and u.target in VIEW_OPS) for u in v_proj.users):
+            if attn.kwargs.get("enable_gqa", False) or attr(gm, v_proj.args[1].target).shape[0] != site.module.num_channels:
+                return None, "grouped-query attention: one V channel feeds several heads' out_proj channels"
+            if any(not (u.op == "call_function" and u.target in VIEW_OPS | BROADCAST_OPS) for u in v_proj.users):
                 return None, "v_proj output has non-view users"
             n = producer
             while n is not attn:
