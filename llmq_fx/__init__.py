@@ -23,6 +23,15 @@ from llmq_fx.summary import format_summary, summary
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+    # ``llmq_fx.export`` pulls in onnx/onnxscript/onnxruntime: import it only when it is used.
+    if name == "export":
+        import importlib
+
+        return importlib.import_module("llmq_fx.export")
+    raise AttributeError(f"module 'llmq_fx' has no attribute {name!r}")
+
 __all__ = [
     "trace",
     "quantize",

@@ -122,7 +122,7 @@ def _print_result(report: dict, out: Path) -> None:
             lines.append(("perplexity quantized (onnxruntime)", f"{ev['onnxruntime']['ppl']:.3f}"))
         lines.append(("eval tokens", f"{ev['float']['tokens']} ({ev['windows']} x {ev['seq_len']})"))
     if "onnx" in report:
-        lines.append(("ONNX size", f"{report['onnx']['file_size_bytes'] / 2**20:.2f} MiB"))
+        lines.append(("ONNX size", f"{report['onnx']['file_bytes'] / 2**20:.2f} MiB"))
     for k, v in report["timings_s"].items():
         lines.append((f"time {k}", f"{v:.2f} s"))
     lines.append(("peak RSS", f"{report['peak_rss_mb']:.0f} MiB"))

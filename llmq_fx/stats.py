@@ -72,9 +72,14 @@ class ActivationObserver(nn.Module):
         return x
 
     def _merge(self, flat: torch.Tensor, n: int) -> None:
-        xd = flat.to(torch.float64)
-        batch_mean = xd.mean(dim=0)
-        batch_m2 = ((xd - batch_mean) ** 2).sum(dim=0)
+        # One batch's moments in float32 around its own mean (no catastrophic cancellation, and
+        # float32 keeps calibration close to the cost of the forward pass); batches merge in float64.
+        flat = flat.float()
+        bmin, bmax = torch.aminmax(flat, dim=0)
+        mean32 = flat.mean(dim=0)
+        centered = flat - mean32
+        batch_m2 = (centered * centered).sum(dim=0).to(torch.float64)
+        batch_mean = mean32.to(torch.float64)
         # Kept as tensors (no .item()): on CUDA the update never waits for the host.
         n_a = self.count.clone()
         total = n_a + n
@@ -83,8 +88,8 @@ class ActivationObserver(nn.Module):
         self.mean += delta * (n / total)
         self.m2 += batch_m2 + delta**2 * (n_a * n / total)
         self.count += n
-        self.min_val = torch.minimum(self.min_val, xd.amin(dim=0))
-        self.max_val = torch.maximum(self.max_val, xd.amax(dim=0))
+        self.min_val = torch.minimum(self.min_val, bmin.to(torch.float64))
+        self.max_val = torch.maximum(self.max_val, bmax.to(torch.float64))
 
     def stats(self) -> ChannelStats:
         count = int(self.count.item())

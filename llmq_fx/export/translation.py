@@ -1,0 +1,80 @@
+"""ONNX translations of the ``llmq`` custom ops, for ``torch.onnx.export(custom_translation_table=...)``.
+
+* ``llmq.quantize_dequantize(x, scale, zero_point, qmin, qmax)`` becomes
+  ``QuantizeLinear -> DequantizeLinear`` along the last axis (per-axis scale and zero point).
+* ``llmq.dequantize_weight(weight_int, scale, bits)`` becomes ``DequantizeLinear`` of the integer
+  weight: per output channel (``axis=0``) or blocked (``axis=1, block_size=G``).
+
+The integer element type is chosen from the code's range: a range that fits 4 bits is UINT4/INT4,
+anything wider UINT8/INT8. ``QuantizeLinear`` saturates to the *type's* range, so a narrower code
+(2 or 3 bits) first clamps ``x`` to the float image of ``[qmin, qmax]``; that is exactly
+``qmath.fake_quantize``'s clamp, because ``round(((qmin - z) * s) / s) == qmin - z``.
+
+The zero point and the weight are cast to the ONNX integer type inside the function; the exporter
+then folds those casts of initializers into real INT4/INT8 initializers
+(``llmq_fx.export.onnx_export``), so no float weight is quantized at run time.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import onnx
+import torch
+from onnxscript import opset21 as op
+
+from llmq_fx import ops  # noqa: F401  (registers torch.ops.llmq)
+
+__all__ = ["onnx_integer_type", "quantize_dequantize_onnx", "dequantize_weight_onnx", "TRANSLATION_TABLE"]
+
+logger = logging.getLogger(__name__)
+
+# (ONNX element type, its integer range), narrowest first: the first one that holds a code wins.
+_INTEGER_TYPES = (
+    (onnx.TensorProto.UINT4, 0, 15),
+    (onnx.TensorProto.INT4, -8, 7),
+    (onnx.TensorProto.UINT8, 0, 255),
+    (onnx.TensorProto.INT8, -128, 127),
+)
+
+
+def onnx_integer_type(qmin: int, qmax: int) -> tuple[int, int, int]:
+    """``(onnx element type, type min, type max)`` of the narrowest ONNX integer type holding ``[qmin, qmax]``."""
+    for elem_type, lo, hi in _INTEGER_TYPES:
+        if lo <= qmin and qmax <= hi:
+            return elem_type, lo, hi
+    raise ValueError(f"integer range [{qmin}, {qmax}] does not fit an 8-bit ONNX type")
+
+
+def quantize_dequantize_onnx(x, scale, zero_point, qmin: int, qmax: int):
+    """Activation QDQ along the last axis, as ``torch.ops.llmq.quantize_dequantize``."""
+    elem_type, type_min, type_max = onnx_integer_type(qmin, qmax)
+    if (qmin, qmax) != (type_min, type_max):
+        # QuantizeLinear would saturate at the type's bounds; clamp x to the code's bounds instead.
+        z = op.Cast(zero_point, to=onnx.TensorProto.FLOAT)
+        lo = op.Mul(op.Sub(op.Constant(value_float=float(qmin)), z), scale)
+        hi = op.Mul(op.Sub(op.Constant(value_float=float(qmax)), z), scale)
+        x = op.Min(op.Max(x, lo), hi)
+    zp = op.Cast(zero_point, to=elem_type)
+    q = op.QuantizeLinear(x, scale, zp, axis=-1)
+    return op.DequantizeLinear(q, scale, zp, axis=-1)
+
+
+def dequantize_weight_onnx(weight_int, scale, bits: int):
+    """Symmetric weight dequantization, as ``torch.ops.llmq.dequantize_weight`` (zero point 0)."""
+    elem_type, _, _ = onnx_integer_type(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    w = op.Cast(weight_int, to=elem_type)
+    if len(scale.shape) == 1:
+        return op.DequantizeLinear(w, scale, axis=0)
+    # Grouped scale [out, in/G]: ONNX blocked quantization along the input axis.
+    in_features, n_groups = weight_int.shape[1], scale.shape[1]
+    if not isinstance(in_features, int) or not isinstance(n_groups, int):
+        raise ValueError(f"grouped weight needs static shapes, got weight {weight_int.shape} and scale {scale.shape}")
+    return op.DequantizeLinear(w, scale, axis=1, block_size=in_features // n_groups)
+
+
+TRANSLATION_TABLE = {
+    torch.ops.llmq.quantize_dequantize.default: quantize_dequantize_onnx,
+    torch.ops.llmq.dequantize_weight.default: dequantize_weight_onnx,
+}
+"""``custom_translation_table`` for ``torch.onnx.export``: llmq custom op -> ONNX function."""
