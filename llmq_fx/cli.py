@@ -83,6 +83,14 @@ def _cmd_quantize(args) -> int:
         onnx_path = to_onnx(qgm.to("cpu"), out / "model.onnx")
         timings["export"] = time.perf_counter() - t0
         report["onnx"] = onnx_qdq_report(onnx_path)
+        float_path = to_onnx(gm.to("cpu"), out / "model_float.onnx")
+        report["onnx_float"] = onnx_qdq_report(float_path)
+        report["onnx"]["size_ratio_to_float"] = report["onnx"]["file_bytes"] / report["onnx_float"]["file_bytes"]
+        if args.latency_runs:
+            report["latency_ms_per_window"] = _latencies(
+                {"pytorch_float": gm, "pytorch_quantized": qgm, "onnxruntime_float": float_path, "onnxruntime_w4a4": onnx_path},
+                calib[:1, : args.seq_len].cpu(), args.latency_runs,
+            )
 
     if args.eval:
         tokens = tokenize(tokenizer, load_text(args.eval))
@@ -109,6 +117,26 @@ def _cmd_quantize(args) -> int:
     return 0
 
 
+def _latencies(models: dict, window: torch.Tensor, runs: int) -> dict:
+    """Median wall time (ms) of one forward over a ``[1, seq_len]`` window, after one warm-up run."""
+    from llmq_fx.export import OnnxCausalLM
+
+    result = {}
+    for name, m in models.items():
+        runner = OnnxCausalLM(m) if isinstance(m, Path) else m
+        times = []
+        with torch.no_grad():
+            for i in range(runs + 1):
+                t0 = time.perf_counter()
+                runner(window)
+                if i:
+                    times.append((time.perf_counter() - t0) * 1000)
+        result[name] = sorted(times)[len(times) // 2]
+    result["runs"] = runs
+    result["window_tokens"] = int(window.numel())
+    return result
+
+
 def _print_result(report: dict, out: Path) -> None:
     cfg = report["config"]
     print(f"\nllmq_fx: {report['model']} W{cfg['w_bits'] or 16}A{cfg['a_bits'] or 16}, "
@@ -122,7 +150,11 @@ def _print_result(report: dict, out: Path) -> None:
             lines.append(("perplexity quantized (onnxruntime)", f"{ev['onnxruntime']['ppl']:.3f}"))
         lines.append(("eval tokens", f"{ev['float']['tokens']} ({ev['windows']} x {ev['seq_len']})"))
     if "onnx" in report:
-        lines.append(("ONNX size", f"{report['onnx']['file_bytes'] / 2**20:.2f} MiB"))
+        lines.append(("ONNX size W4A4 / float", f"{report['onnx']['file_bytes'] / 2**20:.2f} MiB / "
+                      f"{report['onnx_float']['file_bytes'] / 2**20:.2f} MiB"))
+    for k, v in report.get("latency_ms_per_window", {}).items():
+        if k not in ("runs", "window_tokens"):
+            lines.append((f"latency {k}", f"{v:.1f} ms / {report['latency_ms_per_window']['window_tokens']} tokens"))
     for k, v in report["timings_s"].items():
         lines.append((f"time {k}", f"{v:.2f} s"))
     lines.append(("peak RSS", f"{report['peak_rss_mb']:.0f} MiB"))
@@ -204,6 +236,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--eval-windows", type=int, default=16)
     q.add_argument("--device", default="cpu")
     q.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
+    q.add_argument("--latency-runs", type=int, default=5, help="timed runs per model for the latency table (0: none)")
     q.add_argument("--quiet", action="store_true")
     q.set_defaults(func=_cmd_quantize)
 
@@ -228,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not args.debug:
         warnings.filterwarnings("ignore")
+        for noisy in ("torch.onnx", "torch._export", "torch.export", "torch.fx.experimental.symbolic_shapes"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         return args.func(args)
     except (LlmqError, FileNotFoundError, NotADirectoryError, PermissionError, ValueError) as err:

@@ -67,10 +67,10 @@ def _load_hf_folder(folder: Path, dtype: torch.dtype) -> tuple[nn.Module, object
     if not weights:
         raise CheckpointError(f"{folder} has a config but no weights (*.safetensors or *.bin)")
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
-    try:
-        tokenizer = _load_tokenizer(folder)
-    except Exception:  # a weights-only folder is still quantizable from token ids
-        tokenizer = None
+    # A weights-only folder is still quantizable from token ids; AutoTokenizer would otherwise
+    # build an empty tokenizer from the model type alone.
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+    tokenizer = _load_tokenizer(folder) if any((folder / f).is_file() for f in tokenizer_files) else None
     return model.eval(), tokenizer
 
 
