@@ -62,6 +62,7 @@ def _cmd_quantize(args) -> int:
     timings.update(qgm.meta["llmq_fx"]["timings_s"])
     rows = llmq_fx.summary(qgm)
     (out / "graph.txt").write_text(str(qgm.graph))
+    _write_site_stats(qgm, out / "stats.safetensors")
 
     report = {
         "model": args.model,
@@ -108,6 +109,15 @@ def _cmd_quantize(args) -> int:
             ev["onnxruntime"] = perplexity(OnnxCausalLM(onnx_path), tokens, args.seq_len, args.eval_windows).to_dict()
             ev["onnxruntime"]["seconds"] = time.perf_counter() - t0
         report["eval"] = ev
+        if args.cluster_sweep:
+            import dataclasses
+
+            sweep = []
+            for k in args.cluster_sweep:
+                qk = llmq_fx.quantize(gm, calib.to(args.device), dataclasses.replace(config, n_clusters=k), progress=False)
+                sweep.append({"n_clusters": k, "ppl": perplexity(qk, tokens, args.seq_len, args.eval_windows).ppl})
+                del qk
+            report["cluster_sweep"] = sweep
 
     report["peak_rss_mb"] = _peak_rss_mb()
     if args.device.startswith("cuda"):
@@ -115,6 +125,19 @@ def _cmd_quantize(args) -> int:
     _write_atomic(out / "report.json", json.dumps(report, indent=2, default=str))
     _print_result(report, out)
     return 0
+
+
+def _write_site_stats(qgm, path: Path) -> None:
+    """Per-site channel statistics (after smoothing), smoothing scales and cluster labels, for plots."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for site, rec in qgm.meta["llmq_fx"].get("site_stats", {}).items():
+        for key, t in rec.items():
+            tensors[f"{site}/{key}"] = t.contiguous()
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp))
+    tmp.replace(path)
 
 
 def _latencies(models: dict, window: torch.Tensor, runs: int) -> dict:
@@ -234,6 +257,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--seq-len", type=int, default=512)
     q.add_argument("--calib-samples", type=int, default=32, help="calibration windows of --seq-len tokens")
     q.add_argument("--eval-windows", type=int, default=16)
+    q.add_argument("--cluster-sweep", type=int, nargs="+", metavar="K",
+                   help="with --eval: also quantize with each n_clusters K and record perplexity (for plots)")
     q.add_argument("--device", default="cpu")
     q.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
     q.add_argument("--latency-runs", type=int, default=5, help="timed runs per model for the latency table (0: none)")

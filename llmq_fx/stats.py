@@ -60,6 +60,8 @@ class ActivationObserver(nn.Module):
         self.register_buffer("max_val", torch.full((num_channels,), float("-inf"), dtype=torch.float64))
         self.register_buffer("mean", torch.zeros(num_channels, dtype=torch.float64))
         self.register_buffer("m2", torch.zeros(num_channels, dtype=torch.float64))
+        # Product of all smoothing scales applied so far: stats before smoothing = stats * this.
+        self.register_buffer("smoothing_scale", torch.ones(num_channels, dtype=torch.float64))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.num_channels:
@@ -110,6 +112,7 @@ class ActivationObserver(nn.Module):
         self.max_val /= s
         self.mean /= s
         self.m2 /= s**2
+        self.smoothing_scale *= s
 
     def extra_repr(self) -> str:
         return f"channels={self.num_channels}, tokens={int(self.count.item())}"

@@ -54,7 +54,9 @@ class InsertQDQPass(PassBase):
     def call(self, gm: fx.GraphModule) -> PassResult:
         graph = gm.graph
         linears = gm.meta.setdefault("llmq_fx", {}).setdefault("linears", {})
+        site_stats = gm.meta["llmq_fx"].setdefault("site_stats", {})
         for site in observer_sites(gm):
+            site_stats[site.name] = _site_record(site)
             obs, x = site.observer, site.producer
             quantized = [c for c in site.consumers if not is_skipped(module_path(c), self.skip)]
             qdq = None
@@ -130,6 +132,15 @@ class InsertQDQPass(PassBase):
             deq = graph.call_function(torch.ops.llmq.dequantize_weight.default, (q_node, s_node, self.w_bits))
         deq.meta["nn_module_stack"] = linear.meta.get("nn_module_stack", {})
         linear.replace_input_with(w_node, deq)
+
+
+def _site_record(site) -> dict[str, torch.Tensor]:
+    """Per-channel statistics kept after the observer is gone (for reports and plots), on the CPU."""
+    st = site.module.stats()
+    rec = {"min": st.min, "max": st.max, "std": st.std, "smoothing_scale": site.module.smoothing_scale}
+    if hasattr(site.module, "labels"):
+        rec["labels"] = site.module.labels
+    return {k: v.detach().cpu() for k, v in rec.items()}
 
 
 def _delete_unused_attributes(gm: fx.GraphModule) -> None:
