@@ -9,12 +9,14 @@ wrapper re-registers the model's own children under their own names, so every pa
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 
 import torch
 from torch import fx, nn
 from torch.export import Dim
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from llmq_fx.errors import UnsupportedModelError
 from llmq_fx.graph import linear_nodes
@@ -95,8 +97,12 @@ def trace(model: nn.Module, example_inputs: tuple[torch.Tensor] | torch.Tensor |
     max_len = _max_seq_len(model)
     seq = Dim("seq", min=1, max=max_len) if max_len else Dim("seq", min=1)
     dynamic = ({0: Dim("batch", min=1), 1: seq},)
+    # On CUDA the fused attention kernels' shape rules pad the mask to a multiple of 8 columns, a
+    # guard the dynamic ``seq`` range cannot prove; the math kernel's rules have none. The graph
+    # still records aten.scaled_dot_product_attention, so at run time PyTorch picks the fused kernel.
+    attention = sdpa_kernel([SDPBackend.MATH]) if ids.device.type == "cuda" else contextlib.nullcontext()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), attention:
             ep = torch.export.export(_LogitsOnly(model), tuple(example_inputs), strict=False, dynamic_shapes=dynamic)
     except Exception as err:  # torch.export raises many unrelated types; the user needs one message
         raise UnsupportedModelError(f"cannot capture {cls} with torch.export: {_failing_op(err)}") from err

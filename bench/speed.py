@@ -1,0 +1,426 @@
+"""Speed and memory of the pipeline, stage by stage, against one float forward pass (the floor).
+
+    python bench/speed.py --models opt-mini smollm2-135m                     # CPU, with export + latency
+    python bench/speed.py --device cuda --shapes opt-1.3b opt-6.7b --calib 128x2048 --batch-size 4 \\
+        --no-export --json speed_gpu.json                                    # [--tf32 --tag tf32]
+    python bench/speed.py --merge speed_gpu.json      # fold a run made on another machine in
+
+For each model: wall time and peak memory of every stage (trace; then, inside ``llmq_fx.quantize``,
+observe, calibrate, smooth, group, quantize; then the W4A4 ONNX export), and the floor: one plain
+float forward pass of the traced graph over the same calibration tokens in the same batches. The
+pipeline should cost little more than the floor, since calibration is one such pass plus the
+observers; ``ratio`` is pipeline time over floor time.
+
+* ``--models``: built-in models (``llmq_fx.models.load_model``), calibrated on the built-in text,
+  ``--calib-samples`` windows of ``--seq-len`` tokens (the CLI's defaults: 32 x 512, batch 4).
+* ``--shapes``: random-init OPTs with the real configs of facebook/opt-{125m,1.3b,6.7b}, built
+  directly on ``--device``, calibrated on random token ids (``--calib NxT``); timings only.
+* Peak memory per stage: on CPU the process's peak RSS (VmHWM, reset at every stage start by writing
+  5 to /proc/self/clear_refs); on CUDA ``torch.cuda.max_memory_allocated`` (reset per stage), plus
+  the host's peak RSS. ``quantize`` first deep-copies the graph (its parameters too), untimed by
+  its own stage clock: that copy is counted in the ``observe`` row, time and memory alike.
+* With the export (default on CPU): the float graph is exported too, and onnxruntime's latency on
+  one ``[1, --seq-len]`` window (median of ``--latency-runs`` after two warm-ups) is measured for
+  the float and the W4A4 file, next to the PyTorch graphs' latency; file sizes are recorded.
+
+Output: ``--json`` (default ``bench/results/speed.json``) holds one section per device (``cpu``,
+``cuda``), each keyed by model or shape name; every entry carries its own command, machine and
+versions, and is written as soon as a stage finishes, so an interrupted run keeps what it measured.
+New entries replace entries of the same name. ``speed.md`` next to the JSON is rewritten from the
+whole JSON every time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.metadata
+import json
+import logging
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+import llmq_fx
+
+logger = logging.getLogger(__name__)
+
+RESULTS = Path(__file__).parent / "results"
+MIB = 2**20
+
+# Real facebook/opt-* configs (config.json on the Hub); vocab 50272, 2048 positions, pre-LN, ReLU.
+SHAPES = {
+    "opt-125m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, ffn_dim=3072),
+    "opt-1.3b": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, ffn_dim=8192),
+    "opt-6.7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, ffn_dim=16384),
+}
+_OPT_COMMON = dict(vocab_size=50272, max_position_embeddings=2048, do_layer_norm_before=True, activation_function="relu",
+                   dropout=0.0, attention_dropout=0.0, enable_bias=True, tie_word_embeddings=True)
+
+# The stage rows of the tables, in pipeline order; "load" and "floor" are not part of the pipeline.
+PIPELINE = ("trace", "observe", "calibrate", "smooth", "group", "quantize")
+_VERSIONED = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime", "scikit-learn", "numpy")
+
+
+# -- memory and time ---------------------------------------------------------------------------
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def _reset_peak_rss() -> bool:
+    """Set VmHWM back to the current RSS (Linux >= 4.0); False where the kernel refuses."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class StageClock:
+    """Wall time and peak memory of consecutive stages: ``start()``, then ``lap(name)`` at each stage end."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stages: dict[str, dict] = {}
+        self.rss_resettable = _reset_peak_rss()
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def start(self) -> None:
+        self._sync()
+        _reset_peak_rss()
+        self._rss0 = _status_kib("VmRSS") / 1024
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._gpu0 = torch.cuda.memory_allocated(self.device) / MIB
+        self._t0 = time.perf_counter()
+
+    def lap(self, name: str) -> dict:
+        self._sync()
+        rec = {"seconds": time.perf_counter() - self._t0,
+               "peak_rss_mib": _status_kib("VmHWM") / 1024, "start_rss_mib": self._rss0}
+        if self.device.type == "cuda":
+            rec["peak_gpu_mib"] = torch.cuda.max_memory_allocated(self.device) / MIB
+            rec["start_gpu_mib"] = self._gpu0
+        self.stages[name] = rec
+        logger.info("%s: %.2f s", name, rec["seconds"])
+        self.start()
+        return rec
+
+
+class _StageEnds(logging.Handler):
+    """Laps the clock at the end of every stage of ``llmq_fx.quantize`` (it logs ``stage <name>: ...``)."""
+
+    def __init__(self, clock: StageClock):
+        super().__init__(logging.INFO)
+        self.clock = clock
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.msg.startswith("stage ") and record.args:
+            self.clock.lap(str(record.args[0]))
+
+
+def quantize_by_stage(gm, calib: torch.Tensor, config, clock: StageClock):
+    """``llmq_fx.quantize`` with the clock lapped at each of its stage ends."""
+    qlog = logging.getLogger("llmq_fx.quantize")
+    handler, level = _StageEnds(clock), qlog.level
+    qlog.addHandler(handler)
+    qlog.setLevel(logging.INFO)
+    try:
+        clock.start()
+        qgm = llmq_fx.quantize(gm, calib, config, progress=False)
+    finally:
+        qlog.removeHandler(handler)
+        qlog.setLevel(level)
+    own = qgm.meta["llmq_fx"]["timings_s"]
+    missing = set(own) - set(clock.stages)
+    if missing:
+        raise RuntimeError(f"llmq_fx.quantize no longer logs the end of stages {sorted(missing)}; fix _StageEnds")
+    # The first lap also holds quantize()'s deep copy of the graph, which its own clock leaves out.
+    clock.stages["observe"]["copy_seconds"] = clock.stages["observe"]["seconds"] - own["observe"]
+    for name, seconds in own.items():
+        clock.stages[name]["stage_clock_seconds"] = seconds
+    return qgm
+
+
+@torch.no_grad()
+def float_forward(gm, calib: torch.Tensor, batch_size: int, device: torch.device) -> None:
+    """The floor: the float graph over the calibration tokens, batched as ``calibrate`` batches them."""
+    for batch in calib.split(batch_size):
+        gm(batch.to(device))
+
+
+# -- models ------------------------------------------------------------------------------------
+def random_opt(shape: str, device: torch.device):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    config = OPTConfig(**_OPT_COMMON, **SHAPES[shape], word_embed_proj_dim=SHAPES[shape]["hidden_size"])
+    torch.manual_seed(0)
+    with torch.device(device):  # built where it runs: 6.7B normal draws on the host take minutes
+        model = OPTForCausalLM(config).float().eval()
+    # OPT's own initialisation, done here so that no library version can leave a tensor unset.
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                module.weight.normal_(0.0, config.init_std)
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.fill_(1.0)
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()
+    return model
+
+
+def parse_calib(text: str) -> tuple[int, int]:
+    n, _, t = text.lower().partition("x")
+    return int(n), int(t)
+
+
+# -- onnxruntime -------------------------------------------------------------------------------
+def latency_ms(runner, window: torch.Tensor, runs: int) -> dict:
+    times = []
+    with torch.no_grad():
+        for i in range(runs + 2):
+            t0 = time.perf_counter()
+            runner(window)
+            if i >= 2:
+                times.append((time.perf_counter() - t0) * 1e3)
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "runs": runs}
+
+
+# -- machine -----------------------------------------------------------------------------------
+def machine(device: torch.device) -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
+    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+            "python": platform.python_version(), "loadavg_start": os.getloadavg()}
+    for pkg in _VERSIONED:
+        try:
+            info[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            info[pkg] = None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda,
+                    tf32_matmul=torch.backends.cuda.matmul.allow_tf32)
+    return info
+
+
+# -- results -----------------------------------------------------------------------------------
+def save_entry(path: Path, section: str, name: str, entry: dict) -> None:
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data.setdefault(section, {})[name] = entry
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+    path.with_suffix(".md").write_text(markdown(data))
+
+
+def _num(v, fmt: str) -> str:
+    return "" if v is None else format(v, fmt)
+
+
+def markdown(data: dict) -> str:
+    lines = ["# llmq_fx speed and memory", "",
+             "Written by `bench/speed.py` (its docstring says what is measured). Times are wall seconds of one run; "
+             "the floor is one float forward pass of the traced graph over the calibration tokens, batched as "
+             "calibration is; ratio = time / floor. `observe` includes the deep copy of the graph that "
+             "`llmq_fx.quantize` makes first.", ""]
+    for section, title in (("cpu", "CPU"), ("cuda", "GPU (CUDA)")):
+        entries = data.get(section)
+        if not entries:
+            continue
+        gpu = section == "cuda"
+        mems = [("peak_gpu_mib", "peak GPU MiB"), ("peak_rss_mib", "host RSS MiB")] if gpu else [("peak_rss_mib", "peak RSS MiB")]
+        lines += [f"## {title}", ""]
+        for name, e in entries.items():
+            m = e["machine"]
+            hw = f"{m['gpu']} ({m['gpu_memory_gib']} GiB), CUDA {m['cuda']}, TF32 matmul {'on' if m['tf32_matmul'] else 'off'}; host " if gpu else ""
+            lines.append(f"- **{name}**: `{e['command']}`  \n  {hw}{m['cpu']}, {m['cpu_count']} cores, "
+                         f"{m['torch_threads']} torch threads, load average at start {m['loadavg_start'][0]:.2f}; "
+                         f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, "
+                         f"onnxruntime {m['onnxruntime']}, scikit-learn {m['scikit-learn']}")
+        lines.append("")
+        lines.append("| | " + " | ".join(entries) + " |")
+        lines.append("|---|" + "---|" * len(entries))
+        lines.append("| calibration tokens (N x T, batch) | " + " | ".join(
+            f"{e['calib']['samples']} x {e['calib']['seq_len']}, batch {e['calib']['batch_size']}" for e in entries.values()) + " |")
+        lines.append("| model (parameters) | " + " | ".join(f"{e['model']} ({e['parameters'] / 1e6:.0f} M, {e['dtype']})" for e in entries.values()) + " |")
+        lines += ["", "| stage | " + " | ".join(f"{n} s | " + " | ".join(m for _, m in mems) for n in entries) + " |",
+                  "|---|" + "---:|" * (len(entries) * (1 + len(mems)))]
+        rows = ["load"] + list(PIPELINE) + ["export", "export_float", "floor"]
+        for row in rows:
+            cells = []
+            for e in entries.values():
+                st = e["stages"].get(row) or {}
+                cells.append(" | ".join([_num(st.get("seconds"), ".2f")] + [_num(st.get(k), ".0f") for k, _ in mems]))
+            if any(c.strip(" |") for c in cells):
+                label = {"load": "load (not in pipeline)", "export": "export W4A4 ONNX", "export_float": "export float ONNX (reference)",
+                         "floor": "**floor**: float forward"}.get(row, row)
+                lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines += ["", "| | " + " | ".join(entries) + " |", "|---|" + "---:|" * len(entries)]
+        summary_rows = [("floor s", "floor_s", ".2f"), ("pipeline s (trace .. quantize)", "pipeline_s", ".2f"),
+                        ("**ratio pipeline / floor**", "ratio", ".2f"), ("calibrate / floor", "calibrate_ratio", ".2f"),
+                        ("pipeline + export s", "pipeline_export_s", ".2f"), ("ratio (pipeline + export) / floor", "ratio_with_export", ".2f"),
+                        (f"peak {'GPU memory (allocated)' if gpu else 'RSS'} over the whole run MiB", "peak_mib", ".0f")]
+        for label, key, fmt in summary_rows:
+            vals = [e.get("summary", {}).get(key) for e in entries.values()]
+            if any(v is not None for v in vals):
+                lines.append(f"| {label} | " + " | ".join(_num(v, fmt) for v in vals) + " |")
+        with_ort = {n: e for n, e in entries.items() if e.get("onnx")}
+        if with_ort:
+            lines += ["", "Latency of one `[1, seq]` window on the CPU (median ms; onnxruntime CPUExecutionProvider, QDQ run as written) and file sizes:", "",
+                      "| model | seq | float ONNX MiB | W4A4 ONNX MiB | size ratio | ORT float ms | ORT W4A4 ms | W4A4 / float | PyTorch float ms | PyTorch W4A4 (fake-quant) ms |",
+                      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            for n, e in with_ort.items():
+                o, lat = e["onnx"], e.get("latency", {})
+                med = {k: v["median_ms"] for k, v in lat.items()}
+                ratio = med["ort_w4a4"] / med["ort_float"] if "ort_w4a4" in med and "ort_float" in med else None
+                lines.append(f"| {n} | {o['window']} | {o['float_bytes'] / MIB:.2f} | {o['w4a4_bytes'] / MIB:.2f} | "
+                             f"{o['w4a4_bytes'] / o['float_bytes']:.3f} | {_num(med.get('ort_float'), '.1f')} | {_num(med.get('ort_w4a4'), '.1f')} | "
+                             f"{_num(ratio, '.2f')} | {_num(med.get('torch_float'), '.1f')} | {_num(med.get('torch_w4a4'), '.1f')} |")
+        notes = [e["note"] for e in entries.values() if e.get("note")]
+        lines += [""] + [f"- {n}" for n in dict.fromkeys(notes)] + ([""] if notes else [])
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# -- one model ---------------------------------------------------------------------------------
+def run_one(name: str, args, device: torch.device, save) -> None:
+    from llmq_fx.corpus import calibration_set, load_text, tokenize
+    from llmq_fx.models import load_model
+
+    clock = StageClock(device)
+    entry: dict = {"command": args.command, "machine": machine(device), "device": str(device), "stages": clock.stages}
+    clock.start()
+    if name in SHAPES:
+        model, n, t = random_opt(name, device), *parse_calib(args.calib)
+        calib = torch.randint(0, model.config.vocab_size, (n, t), generator=torch.Generator().manual_seed(0))
+        entry["model"] = f"random-init {name} shape"
+    else:
+        model, tok = load_model(name)
+        model.to(device)
+        calib = calibration_set(tokenize(tok, load_text("calib")), args.calib_samples, args.seq_len)
+        entry["model"] = name
+    clock.lap("load")
+    entry["parameters"] = sum(p.numel() for p in model.parameters())
+    entry["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    entry["attention"] = getattr(model.config, "_attn_implementation", None)
+    config = llmq_fx.QuantConfig(calib_batch_size=args.batch_size)
+    entry["config"] = config.to_dict()
+    entry["calib"] = {"samples": int(calib.shape[0]), "seq_len": int(calib.shape[1]), "tokens": int(calib.numel()),
+                      "batch_size": args.batch_size, "source": "random token ids" if name in SHAPES else "built-in calib text"}
+
+    clock.start()
+    gm = llmq_fx.trace(model)
+    clock.lap("trace")
+    float_forward(gm, calib[: args.batch_size, : min(calib.shape[1], 128)], args.batch_size, device)  # warm-up, untimed
+    clock.start()
+    float_forward(gm, calib, args.batch_size, device)
+    clock.lap("floor")
+    save(name, entry)
+
+    qgm = quantize_by_stage(gm, calib, config, clock)
+    st = clock.stages
+    floor = st["floor"]["seconds"]
+    pipeline = sum(st[s]["seconds"] for s in PIPELINE if s in st)
+    entry["summary"] = {"floor_s": floor, "pipeline_s": pipeline, "ratio": pipeline / floor,
+                        "calibrate_ratio": st["calibrate"]["seconds"] / floor}
+    save(name, entry)
+
+    if not args.no_export:
+        from llmq_fx.export import OnnxCausalLM, onnx_qdq_report, to_onnx
+
+        with tempfile.TemporaryDirectory(prefix="llmq_speed_") as tmp:
+            qgm_cpu, gm_cpu = qgm.to("cpu"), gm.to("cpu")
+            clock.start()
+            w4a4 = to_onnx(qgm_cpu, Path(tmp) / "w4a4.onnx")
+            clock.lap("export")
+            fp = to_onnx(gm_cpu, Path(tmp) / "float.onnx")
+            clock.lap("export_float")
+            entry["onnx"] = {"w4a4_bytes": onnx_qdq_report(w4a4)["file_bytes"], "float_bytes": onnx_qdq_report(fp)["file_bytes"],
+                             "window": args.seq_len}
+            export = st["export"]["seconds"]
+            entry["summary"].update(pipeline_export_s=pipeline + export, ratio_with_export=(pipeline + export) / floor)
+            save(name, entry)
+            if args.latency_runs:
+                window = calib[:1, : args.seq_len].cpu()
+                entry["latency"] = {}
+                for key, runner in (("ort_float", OnnxCausalLM(fp)), ("ort_w4a4", OnnxCausalLM(w4a4)),
+                                    ("torch_float", gm_cpu), ("torch_w4a4", qgm_cpu)):
+                    entry["latency"][key] = latency_ms(runner, window, args.latency_runs)
+                    logger.info("%s latency: %.1f ms", key, entry["latency"][key]["median_ms"])
+    elif device.type == "cuda":
+        entry["note"] = ("GPU: ONNX export skipped for these models (the exporter works on a CPU copy of the graph and "
+                         "would write GB-sized files; the CPU section measures it). Observers, statistics, smoothing and "
+                         "QDQ stay on the GPU; k-means (the `group` row) runs once per site on the CPU over a small "
+                         "[channels, 2] feature matrix, which is most of the non-floor time for opt-6.7b (129 sites).")
+    # The quantized graph runs where it was built: every tensor on the device, finite logits.
+    tensors = list(qgm.parameters()) + list(qgm.buffers())
+    with torch.no_grad():
+        logits = qgm(calib[:1, :128].to(device))
+    entry["check"] = {"tensors_on_device": sum(t.device.type == device.type for t in tensors), "tensors": len(tensors),
+                      "quantized_logits_finite": bool(torch.isfinite(logits).all())}
+    peak_key = "peak_gpu_mib" if device.type == "cuda" else "peak_rss_mib"
+    entry["summary"]["peak_mib"] = max(s[peak_key] for s in st.values())
+    entry["machine"]["loadavg_end"] = os.getloadavg()
+    entry["complete"] = True
+    save(name, entry)
+    del qgm, gm, model, logits, tensors
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="*", default=[], help="built-in models (opt-mini, smollm2-135m, ...)")
+    p.add_argument("--shapes", nargs="*", default=[], choices=sorted(SHAPES), help="random-init OPT shapes")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--calib", default="128x2048", help="random calibration ids N x T for --shapes")
+    p.add_argument("--calib-samples", type=int, default=32, help="windows of the built-in text for --models")
+    p.add_argument("--seq-len", type=int, default=512, help="window length for --models and the latency window")
+    p.add_argument("--batch-size", type=int, default=4, help="calibration (and floor) batch size")
+    p.add_argument("--no-export", action="store_true", help="skip the ONNX export and the onnxruntime latency")
+    p.add_argument("--latency-runs", type=int, default=10)
+    p.add_argument("--tf32", action="store_true", help="CUDA: allow TF32 matrix products (default: full float32)")
+    p.add_argument("--tag", help="appended to every entry name, e.g. tf32")
+    p.add_argument("--json", type=Path, default=RESULTS / "speed.json")
+    p.add_argument("--merge", type=Path, nargs="*", default=[], help="speed JSON files from other machines to fold into --json")
+    args = p.parse_args()
+    args.command = "python bench/speed.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("llmq_fx").setLevel(logging.WARNING)  # the passes log every site at INFO
+    for noisy in ("torch.onnx", "torch._export", "torch.export", "torch.fx.experimental.symbolic_shapes", "onnxscript", "onnx_ir", "llmq_fx.export"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+    for other in args.merge:
+        for section, entries in json.loads(other.read_text()).items():
+            for name, entry in entries.items():
+                save_entry(args.json, section, name, entry)
+    device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    section = "cuda" if device.type == "cuda" else "cpu"
+    suffix = f" ({args.tag})" if args.tag else ""
+    for name in list(args.models) + list(args.shapes):
+        run_one(name, args, device, lambda n, e: save_entry(args.json, section, n + suffix, e))
+    print(args.json.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()
