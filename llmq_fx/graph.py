@@ -229,6 +229,8 @@ def site_role(producer: fx.Node, consumers: list[fx.Node]) -> str:
         return "qkv"
     if attention_output(producer) is not None:
         return "out_proj"
+    while producer.meta.get("llmq_online_rotation"):  # an online rotation (RotatePass) keeps the role
+        producer = producer.args[0]
     src = _through_views(producer)
     if norm_affine(src) is not None:
         if all(any(u.op == "call_function" and u.target in _ACTIVATIONS for u in c.users) for c in consumers):

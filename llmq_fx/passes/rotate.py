@@ -1,0 +1,433 @@
+"""Rotation pass (QuaRot, Ashkboos et al. 2024): orthogonal rotations fused into the weights.
+
+An orthogonal ``Q`` leaves a pre-norm transformer's function unchanged when every vector written
+into the residual stream is multiplied by ``Q`` and every Linear that reads the (normalized)
+residual un-does it, because RMS normalization commutes with ``Q``: ``||x Q|| = ||x||``. The
+rotated residual has no outlier channels any more (a Hadamard ``Q`` spreads each channel over all
+of them), which is what makes 4-bit activations of the q/k/v, fc1/gate/up inputs workable.
+
+Pattern (found from the graph, not from module names):
+
+* **norms** -- ``aten.layer_norm`` nodes and the decomposed RMSNorm ``mul(weight, x * rsqrt(...))``
+  (``llmq_fx.graph.norm_affine``). All of one kind; a post-LN model (a norm output feeding the
+  residual, OPT-350m) or a residual read by anything but norms and adds is rejected.
+* **residual stream** -- walking up from every norm input through ``add``, views, casts and
+  dropout. Its leaves are the **writers**: ``aten.embedding`` of a parameter (token and learned
+  position embeddings) and Linears (out_proj/o_proj, fc2/down_proj).
+* **readers** -- Linears whose input is a norm output (through views): q/k/v, fc1/gate/up, lm_head.
+
+Rewrite, in float64 then cast back:
+
+1. *LayerNorm mean (OPT).* ``LN(x) = (x - mean(x)) / sqrt(var(x) + eps) * g + b``. Subtract from
+   every writer its mean over output channels: ``W <- (I - 11^T/d) W``, ``b <- b - mean(b)``,
+   embedding rows ``E <- E - mean(E)``. Every residual vector is then a sum of zero-mean vectors,
+   so ``mean(x) = 0`` and ``var(x) = mean(x^2)``: the LayerNorm equals
+   ``x * rsqrt(mean(x^2) + eps) * g + b`` exactly, and that RMS form is what the graph gets (the
+   layer_norm node is replaced by ``mul/mean/add/rsqrt/mul`` nodes). The RMS form is invariant to
+   ``Q`` while the mean subtraction is not, which is why the mean must be absorbed first.
+2. *Norm affine into readers.* ``W_r (g * y + b) + c = (W_r diag(g)) y + (W_r b + c)``: the reader
+   weights absorb ``g`` (columns) and ``b`` (into the reader bias, created if missing), and the
+   norm keeps a weight of ones (a ``mul`` node, so SmoothQuant can still fold a scale into it).
+3. *Residual rotation.* ``Q = diag(+-1) (H_{2^k} (x) R_m)``, a random-sign Hadamard (times a seeded
+   random orthogonal ``R_m`` when ``d = 2^k m`` is not a power of two). Writers ``W <- Q^T W``,
+   ``b <- Q^T b``, embeddings ``E <- E Q``; readers ``W_r <- W_r Q``. Tied weights (embedding and
+   lm_head) are untied first, since they now differ.
+4. *Value heads.* Per attention head, ``H_hd`` rotates V: v_proj output rows of each head block
+   ``W_v <- H^T W_v`` (bias alike) and out_proj columns of each head block ``W_o <- W_o H``; the
+   attention output of a head is a convex combination of that head's V rows, so it is rotated
+   alike. One ``H`` for all heads, so grouped-query attention works too.
+5. *Online rotation of the fc2/down_proj input.* The ReLU/SiLU between fc1 and fc2 does not commute
+   with a rotation, so it cannot be fused: a graph node computes ``u T`` with
+   ``T = A (x) B`` (Kronecker, ``A = H_a``, ``B = H_b' (x) R_m``) as two small matmuls over a
+   ``[..., a, b]`` view (cost ``F (a + b)`` per token instead of ``F^2``), and fc2 absorbs
+   ``W2 <- W2 T``.
+
+The float output is unchanged up to float32 rounding (tests check it). Rotation changes every
+statistic, so the pass runs before the observers are inserted.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from torch import fx
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from llmq_fx.errors import UnsupportedModelError
+from llmq_fx.graph import (
+    VIEW_OPS,
+    attention_value_source,
+    attr,
+    attr_users_elsewhere,
+    is_linear,
+    linear_nodes,
+    module_path,
+    norm_affine,
+    set_attr,
+    site_role,
+)
+
+__all__ = ["RotatePass", "hadamard", "random_orthogonal", "rotation_matrix", "kron_factors", "ONLINE_ROTATION_META"]
+
+logger = logging.getLogger(__name__)
+
+aten = torch.ops.aten
+_CASTS = {aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout}
+_PASS_THROUGH = VIEW_OPS | _CASTS
+# Side-effect-free checks torch.export leaves in the graph; they read values but change nothing.
+_IGNORED = {aten._assert_tensor_metadata.default}
+# Node meta key marking the nodes of an online rotation (graph.site_role looks through them).
+ONLINE_ROTATION_META = "llmq_online_rotation"
+
+
+# -- orthogonal matrices ----------------------------------------------------------------------
+def hadamard(n: int) -> torch.Tensor:
+    """Normalized Sylvester Hadamard matrix of order ``n`` (a power of two), float64."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"Sylvester Hadamard order must be a power of two, got {n}")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / math.sqrt(n)
+
+
+def random_orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
+    """Haar-random orthogonal ``n x n`` matrix (QR of a Gaussian with the sign fix), float64."""
+    if n == 1:
+        return torch.ones(1, 1, dtype=torch.float64)
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
+    return (q * torch.sign(torch.diagonal(r))[None, :]).contiguous()
+
+
+def _split(n: int) -> tuple[int, int]:
+    """``n = 2^k * m`` with ``m`` odd."""
+    k = (n & -n).bit_length() - 1
+    return 2**k, n >> k
+
+
+def rotation_matrix(n: int, generator: torch.Generator, random_signs: bool = True) -> torch.Tensor:
+    """``diag(+-1) (H_{2^k} (x) R_m)`` for ``n = 2^k m``: orthogonal, float64 ``[n, n]``."""
+    p, m = _split(n)
+    q = torch.kron(hadamard(p), random_orthogonal(m, generator))
+    if random_signs:
+        signs = torch.randint(0, 2, (n,), generator=generator, dtype=torch.float64) * 2 - 1
+        q = signs[:, None] * q
+    return q
+
+
+def kron_factors(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, B)`` orthogonal with ``A (x) B`` of order ``n`` and ``a + b`` small: ``A = H_a``, ``B = H_b' (x) R_m``."""
+    p, m = _split(n)
+    k = p.bit_length() - 1
+    a = 2 ** (k - k // 2)
+    b_pow = p // a
+    return hadamard(a), torch.kron(hadamard(b_pow), random_orthogonal(m, generator))
+
+
+# -- the pass ---------------------------------------------------------------------------------
+class RotatePass(PassBase):
+    """Fuse residual, value-head and fc2-input rotations into the weights (plus online fc2 nodes)."""
+
+    def __init__(self, seed: int = 0, residual: bool = True, heads: bool = True, online: bool = True):
+        super().__init__()
+        self.seed = seed
+        self.residual = residual
+        self.heads = heads
+        self.online = online
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        gen = torch.Generator().manual_seed(self.seed)
+        report = gm.meta.setdefault("llmq_fx", {}).setdefault("rotation", {})
+        if self.residual:
+            report["residual"] = self._rotate_residual(gm, gen)
+        if self.heads:
+            report["heads"] = self._rotate_heads(gm, gen)
+        if self.online:
+            report["online"] = self._online(gm, gen)
+        gm.graph.eliminate_dead_code()
+        gm.graph.lint()
+        gm.recompile()
+        return PassResult(gm, True)
+
+    # -- 1-3: residual stream -----------------------------------------------------------------
+    @torch.no_grad()
+    def _rotate_residual(self, gm: fx.GraphModule, gen: torch.Generator) -> dict:
+        graph = gm.graph
+        norms = [na for n in graph.nodes if (na := norm_affine(n)) is not None]
+        if not norms:
+            raise UnsupportedModelError("rotation: no LayerNorm/RMSNorm found in the graph")
+        kinds = {na.kind for na in norms}
+        if len(kinds) != 1:
+            raise UnsupportedModelError(f"rotation: mixed norm kinds {sorted(kinds)} are not supported")
+        kind = kinds.pop()
+        norm_in = {na.node: _norm_input(na) for na in norms}
+        internal = set()
+        for na in norms:
+            internal |= _norm_internal(na, norm_in[na.node])
+
+        # Residual stream: walk up from the norm inputs through adds, views, casts, dropout.
+        residual, writers, stack = set(), [], list(norm_in.values())
+        while stack:
+            n = stack.pop()
+            if n in residual:
+                continue
+            residual.add(n)
+            if n.op == "call_function" and n.target == aten.add.Tensor and all(isinstance(a, fx.Node) for a in n.args[:2]):
+                stack.extend(n.args[:2])
+            elif n.op == "call_function" and n.target in _PASS_THROUGH:
+                stack.append(n.args[0])
+            elif is_linear(n) or (n.op == "call_function" and n.target == aten.embedding.default):
+                writers.append(n)
+            else:
+                raise UnsupportedModelError(
+                    f"rotation: residual stream is produced by {n.name} ({n.op} {n.target}), not by an "
+                    "embedding, a Linear or an add"
+                )
+        for n in residual:
+            for u in n.users:
+                if u in residual or u in internal or u.target in _IGNORED or (
+                    u.target in _PASS_THROUGH and _only_feeds(u, residual | internal)
+                ):
+                    continue
+                raise UnsupportedModelError(
+                    f"rotation: residual value {n.name} feeds {u.name} ({u.target}), which is neither a norm nor "
+                    "the residual add (post-LN or an unsupported block)"
+                )
+        readers: list[tuple[fx.Node, object]] = []
+        for na in norms:
+            for lin in _linear_readers(na.node):
+                readers.append((lin, na))
+
+        d = attr(gm, norms[0].weight.target).numel()
+        q = rotation_matrix(d, gen)
+        center = kind == "layer_norm"
+
+        for w in writers:
+            if w.target == aten.embedding.default:
+                target = _own_param(gm, w, w.args[0], _embedding_path(w))
+                e = attr(gm, target).detach().to(torch.float64)
+                if center:
+                    e = e - e.mean(dim=1, keepdim=True)
+                _write(gm, target, e @ q)
+            else:
+                path = module_path(w)
+                wt = _own_param(gm, w, w.args[1], f"{path}.weight")
+                wm = attr(gm, wt).detach().to(torch.float64)
+                if center:
+                    wm = wm - wm.mean(dim=0, keepdim=True)
+                _write(gm, wt, q.T @ wm)
+                if len(w.args) > 2 and isinstance(w.args[2], fx.Node):
+                    bt = _own_param(gm, w, w.args[2], f"{path}.bias")
+                    b = attr(gm, bt).detach().to(torch.float64)
+                    if center:
+                        b = b - b.mean()
+                    _write(gm, bt, q.T @ b)
+        for lin, na in readers:
+            path = module_path(lin)
+            wt = _own_param(gm, lin, lin.args[1], f"{path}.weight")
+            wm = attr(gm, wt).detach().to(torch.float64)
+            g = attr(gm, na.weight.target).detach().to(torch.float64)
+            bias = None
+            if len(lin.args) > 2 and isinstance(lin.args[2], fx.Node):
+                bias = attr(gm, _own_param(gm, lin, lin.args[2], f"{path}.bias")).detach().to(torch.float64)
+            if na.bias is not None:
+                beta = attr(gm, na.bias.target).detach().to(torch.float64)
+                extra = wm @ beta
+                bias = extra if bias is None else bias + extra
+            _write(gm, wt, (wm * g[None, :]) @ q)
+            if bias is not None:
+                if len(lin.args) > 2 and isinstance(lin.args[2], fx.Node):
+                    _write(gm, lin.args[2].target, bias)
+                else:
+                    bt = f"{path}.bias"
+                    set_attr(gm, bt, bias.to(attr(gm, wt).dtype), buffer=False)
+                    with gm.graph.inserting_before(lin):
+                        b_node = gm.graph.get_attr(bt)
+                    lin.args = (lin.args[0], lin.args[1], b_node)
+        for na in norms:
+            ref = attr(gm, na.weight.target)
+            _write(gm, na.weight.target, torch.ones_like(ref, dtype=torch.float64))
+            if na.kind == "layer_norm":
+                _layer_norm_to_rms(gm, na)
+        return {"dim": d, "norm": kind, "centered": center, "writers": len(writers), "readers": len(readers)}
+
+    # -- 4: value heads -------------------------------------------------------------------------
+    @torch.no_grad()
+    def _rotate_heads(self, gm: fx.GraphModule, gen: torch.Generator) -> dict:
+        done = []
+        for out in linear_nodes(gm.graph):
+            av = attention_value_source(out.args[0])
+            if av is None:
+                continue
+            attn, v_proj = av
+            val = attn.args[2].meta.get("val")
+            if val is None:
+                logger.info("rotation: no shape for %s, value heads not rotated", attn.name)
+                continue
+            hd = int(val.shape[-1])
+            h = rotation_matrix(hd, gen, random_signs=False)  # H_hd (times R_m if hd is not a power of 2)
+            vpath, opath = module_path(v_proj), module_path(out)
+            vt = _own_param(gm, v_proj, v_proj.args[1], f"{vpath}.weight")
+            wv = attr(gm, vt).detach().to(torch.float64)
+            n_kv = wv.shape[0] // hd
+            wv = wv.reshape(n_kv, hd, -1)
+            _write(gm, vt, torch.einsum("ji,hjc->hic", h, wv).reshape(n_kv * hd, -1))
+            if len(v_proj.args) > 2 and isinstance(v_proj.args[2], fx.Node):
+                bt = _own_param(gm, v_proj, v_proj.args[2], f"{vpath}.bias")
+                bv = attr(gm, bt).detach().to(torch.float64).reshape(n_kv, hd)
+                _write(gm, bt, (bv @ h).reshape(-1))
+            ot = _own_param(gm, out, out.args[1], f"{opath}.weight")
+            wo = attr(gm, ot).detach().to(torch.float64)
+            n_q = wo.shape[1] // hd
+            _write(gm, ot, (wo.reshape(wo.shape[0], n_q, hd) @ h).reshape(wo.shape[0], -1))
+            done.append(vpath)
+        return {"value_heads": len(done)}
+
+    # -- 5: online fc2 input rotation -------------------------------------------------------------
+    @torch.no_grad()
+    def _online(self, gm: fx.GraphModule, gen: torch.Generator) -> dict:
+        graph = gm.graph
+        done = []
+        for lin in linear_nodes(graph):
+            x = lin.args[0]
+            if site_role(x, [lin]) != "fc2":
+                continue
+            path = module_path(lin)
+            wt = _own_param(gm, lin, lin.args[1], f"{path}.weight")
+            w = attr(gm, wt).detach().to(torch.float64)
+            f = w.shape[1]
+            a_mat, b_mat = kron_factors(f, gen)
+            a, b = a_mat.shape[0], b_mat.shape[0]
+            _write(gm, wt, w @ torch.kron(a_mat, b_mat))
+            base = "llmq_rotation_" + path.replace(".", "_")
+            set_attr(gm, f"{base}_a", a_mat.to(attr(gm, wt).dtype).contiguous())
+            set_attr(gm, f"{base}_b", b_mat.to(attr(gm, wt).dtype).contiguous())
+            stack = lin.meta.get("nn_module_stack", {})
+            with graph.inserting_before(lin):
+                a_node = graph.get_attr(f"{base}_a")
+                b_node = graph.get_attr(f"{base}_b")
+                # u [..., F] -> [..., a, b] -> (.. @ B) -> swap -> (.. @ A) -> swap -> [..., F]  ==  u (A (x) B)
+                v = graph.call_function(aten.unflatten.int, (x, -1, [a, b]))
+                v = graph.call_function(aten.matmul.default, (v, b_node))
+                v = graph.call_function(aten.transpose.int, (v, -1, -2))
+                v = graph.call_function(aten.matmul.default, (v, a_node))
+                v = graph.call_function(aten.transpose.int, (v, -1, -2))
+                v = graph.call_function(aten.flatten.using_ints, (v, -2, -1))
+            n = v
+            while n is not x:
+                n.meta[ONLINE_ROTATION_META] = True
+                n.meta["nn_module_stack"] = stack
+                n = n.args[0]
+            lin.replace_input_with(x, v)
+            done.append({"linear": path, "size": f, "factors": [a, b]})
+        return {"fc2_inputs": done}
+
+
+# -- helpers ------------------------------------------------------------------------------------
+def _write(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
+    """Overwrite a parameter/buffer in place (dtype/device kept) from a float64 value."""
+    t = attr(gm, target)
+    t.data = value.to(device=t.device, dtype=t.dtype).reshape(t.shape).contiguous()
+
+
+def _own_param(gm: fx.GraphModule, user: fx.Node, w_node: fx.Node, preferred: str) -> str:
+    """Make ``user`` read a parameter nobody else reads (untie shared weights); return its target."""
+    if not (isinstance(w_node, fx.Node) and w_node.op == "get_attr"):
+        raise UnsupportedModelError(f"rotation: {user.name} reads {w_node}, which is not a parameter")
+    if not attr_users_elsewhere(gm, w_node, user):
+        return w_node.target
+    target = preferred if preferred != w_node.target else f"{preferred}_untied"
+    value = attr(gm, w_node.target).detach().clone()
+    owner, _, name = target.rpartition(".")
+    try:
+        gm.get_submodule(owner) if owner else gm
+    except AttributeError:
+        target = "llmq_untied_" + target.replace(".", "_")
+    set_attr(gm, target, value, buffer=False)
+    with gm.graph.inserting_before(user):
+        node = gm.graph.get_attr(target)
+    user.replace_input_with(w_node, node)
+    logger.info("rotation: untied %s -> %s for %s", w_node.target, target, user.name)
+    return target
+
+
+def _embedding_path(node: fx.Node) -> str:
+    return module_path(node) + ".weight" if node.meta.get("nn_module_stack") else f"llmq_embedding_{node.name}"
+
+
+def _norm_input(na) -> fx.Node:
+    """The residual value a norm normalizes."""
+    if na.kind == "layer_norm":
+        return na.node.args[0]
+    other = na.node.args[1] if na.node.args[0] is na.weight else na.node.args[0]
+    n = other
+    while n.op == "call_function" and n.target in _PASS_THROUGH:
+        n = n.args[0]
+    # n = mul(x, rsqrt(...)): the operand that is not the rsqrt, down through casts.
+    for a in n.args:
+        if isinstance(a, fx.Node) and not (a.op == "call_function" and a.target == aten.rsqrt.default):
+            while a.op == "call_function" and a.target in _CASTS:
+                a = a.args[0]
+            return a
+    raise UnsupportedModelError(f"rotation: cannot find the input of norm {na.node.name}")
+
+
+def _norm_internal(na, x: fx.Node) -> set[fx.Node]:
+    """Nodes of a norm's computation between its input ``x`` and its output (inclusive)."""
+    out, stack = set(), [na.node]
+    while stack:
+        n = stack.pop()
+        if n in out or n is x or n.op in ("get_attr", "placeholder"):
+            continue
+        out.add(n)
+        stack.extend(a for a in n.all_input_nodes)
+    return out
+
+
+def _only_feeds(node: fx.Node, allowed: set[fx.Node]) -> bool:
+    return all(
+        u in allowed or u.target in _IGNORED or (u.target in _PASS_THROUGH and _only_feeds(u, allowed)) for u in node.users
+    )
+
+
+def _linear_readers(norm_out: fx.Node) -> list[fx.Node]:
+    """Linears reading a norm's output through views; anything else reading it is unsupported."""
+    found, stack = [], [norm_out]
+    while stack:
+        n = stack.pop()
+        for u in n.users:
+            if is_linear(u) and u.args[0] is n:
+                found.append(u)
+            elif u.target in _IGNORED:
+                continue
+            elif u.op == "call_function" and u.target in _PASS_THROUGH:
+                stack.append(u)
+            else:
+                raise UnsupportedModelError(
+                    f"rotation: norm output {norm_out.name} feeds {u.name} ({u.target}); only Linears can absorb "
+                    "the rotation (post-LN models are not supported)"
+                )
+    return found
+
+
+def _layer_norm_to_rms(gm: fx.GraphModule, na) -> None:
+    """``layer_norm(x, shape, g, b, eps)`` -> ``g * (x * rsqrt(mean(x^2, -1) + eps))`` (g now ones, b folded)."""
+    graph, ln = gm.graph, na.node
+    args = list(ln.args) + [None] * (5 - len(ln.args))
+    x, eps = args[0], args[4] if args[4] is not None else 1e-5
+    if len(args[1]) != 1:
+        raise UnsupportedModelError(f"rotation: {ln.name} normalizes over {args[1]}, not the last dimension only")
+    stack = ln.meta.get("nn_module_stack", {})
+    with graph.inserting_before(ln):
+        sq = graph.call_function(aten.mul.Tensor, (x, x))
+        ms = graph.call_function(aten.mean.dim, (sq, [-1], True))
+        ad = graph.call_function(aten.add.Tensor, (ms, float(eps)))
+        rs = graph.call_function(aten.rsqrt.default, (ad,))
+        y = graph.call_function(aten.mul.Tensor, (x, rs))
+        out = graph.call_function(aten.mul.Tensor, (na.weight, y))
+    for n in (sq, ms, ad, rs, y, out):
+        n.meta["nn_module_stack"] = stack
+    ln.replace_all_uses_with(out)
+    graph.erase_node(ln)

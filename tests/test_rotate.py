@@ -1,0 +1,116 @@
+"""RotatePass: float function unchanged, orthogonal factors, online nodes, clear errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import llmq_fx
+from llmq_fx.errors import UnsupportedModelError
+from llmq_fx.graph import observer_sites
+from llmq_fx.passes import InsertObserversPass
+from llmq_fx.passes.rotate import ONLINE_ROTATION_META, RotatePass, hadamard, kron_factors, rotation_matrix
+
+from conftest import VOCAB, make_opt
+
+
+def _logits(gm, ids):
+    out = gm(ids)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@pytest.fixture(scope="module")
+def llama_gm():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # non-trivial norm weights, as in trained models
+        g = torch.Generator().manual_seed(1)
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.exp(torch.randn(p.shape, generator=g) * 0.5))
+    return llmq_fx.trace(model)
+
+
+@pytest.mark.parametrize("n", [1, 2, 32, 48, 96, 576, 1536])
+def test_rotation_matrices_are_orthogonal(n):
+    g = torch.Generator().manual_seed(0)
+    q = rotation_matrix(n, g)
+    torch.testing.assert_close(q @ q.T, torch.eye(n, dtype=torch.float64), atol=1e-10, rtol=0)
+    a, b = kron_factors(n, g)
+    assert a.shape[0] * b.shape[0] == n
+    t = torch.kron(a, b)
+    torch.testing.assert_close(t @ t.T, torch.eye(n, dtype=torch.float64), atol=1e-10, rtol=0)
+
+
+def test_hadamard_entries():
+    h = hadamard(8) * 8**0.5
+    assert set(h.unique().tolist()) == {-1.0, 1.0}
+    with pytest.raises(ValueError):
+        hadamard(12)
+
+
+@pytest.mark.parametrize("which", ["opt", "llama"])
+def test_float_output_unchanged(which, opt_gm, llama_gm, eval_ids):
+    gm = opt_gm if which == "opt" else llama_gm
+    rotated = copy.deepcopy(gm)
+    RotatePass(seed=3)(rotated)
+    for ids in (eval_ids, eval_ids[:1, :7]):
+        ref, out = _logits(gm, ids), _logits(rotated, ids)
+        torch.testing.assert_close(out, ref, atol=2e-5 * ref.abs().max().item(), rtol=1e-4)
+    report = rotated.meta["llmq_fx"]["rotation"]
+    assert report["residual"]["norm"] == ("layer_norm" if which == "opt" else "rms_norm")
+    assert report["residual"]["centered"] is (which == "opt")
+    assert report["heads"]["value_heads"] == 2
+    assert len(report["online"]["fc2_inputs"]) == 2
+    # LayerNorm replaced by its RMS form; no layer_norm left.
+    assert not any(n.target == torch.ops.aten.layer_norm.default for n in rotated.graph.nodes)
+
+
+def test_rotation_moves_weights_and_unties(opt_gm):
+    rotated = copy.deepcopy(opt_gm)
+    RotatePass(seed=0)(rotated)
+    sd = dict(rotated.named_parameters(remove_duplicate=False))
+    ref = dict(opt_gm.named_parameters(remove_duplicate=False))
+    assert not torch.allclose(sd["model.decoder.layers.0.self_attn.q_proj.weight"], ref["model.decoder.layers.0.self_attn.q_proj.weight"])
+    lm = [n for n in rotated.graph.nodes if n.op == "call_function" and n.target == torch.ops.aten.linear.default][-1]
+    emb = [n for n in rotated.graph.nodes if n.op == "call_function" and n.target == torch.ops.aten.embedding.default][0]
+    assert lm.args[1].target != emb.args[0].target  # tied embedding/lm_head untied
+    # norm weights are ones after folding into the readers
+    assert torch.equal(sd["model.decoder.layers.0.self_attn_layer_norm.weight"], torch.ones(32))
+
+
+def test_online_rotation_nodes_keep_fc2_role(llama_gm):
+    rotated = copy.deepcopy(llama_gm)
+    RotatePass()(rotated)
+    assert sum(1 for n in rotated.graph.nodes if n.meta.get(ONLINE_ROTATION_META)) == 2 * 6
+    InsertObserversPass()(rotated)
+    roles = sorted(s.role for s in observer_sites(rotated))
+    assert roles.count("fc2") == 2 and roles.count("qkv") == 2 and roles.count("fc1") == 2
+
+
+def test_rotation_lowers_w4a4_error_with_outlier_channels(calib, eval_ids):
+    # Trained LLMs have a few residual channels far larger than the rest; give the tiny model two.
+    model = make_opt()
+    with torch.no_grad():
+        model.model.decoder.embed_tokens.weight[:, [3, 17]] *= 40.0
+    gm = llmq_fx.trace(model)
+    ref = _logits(gm, eval_ids)
+    errs = {}
+    for rotate in (False, True):
+        cfg = llmq_fx.QuantConfig(rotate=rotate, smooth_alpha=None, n_clusters=1, w_bits=None)
+        q = llmq_fx.quantize(gm, calib, cfg, progress=False)
+        errs[rotate] = (_logits(q, eval_ids) - ref).pow(2).mean().item()
+    assert errs[True] < 0.5 * errs[False], errs
+
+
+def test_post_ln_is_rejected(opt350_model):
+    gm = llmq_fx.trace(opt350_model)
+    with pytest.raises(UnsupportedModelError, match="rotation"):
+        RotatePass()(gm)
