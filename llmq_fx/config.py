@@ -31,11 +31,20 @@ class QuantConfig:
         a_bits: activation bits (2..8), or None to leave activations in float.
         w_group_size: None for one scale per output channel, else input channels per group.
         a_symmetric: symmetric (signed, zero point 0) activation codes instead of asymmetric.
+        a_dynamic: per-token dynamic activation ranges (computed at run time from each token)
+            instead of static per-cluster ranges from calibration; clustering is then not used.
         smooth_alpha: SmoothQuant migration strength in (0, 1], or None for no smoothing.
         smooth_sites: which sites to smooth, by role: ``qkv`` and ``fc1`` fold into the preceding
             norm, ``fc2`` into fc1's output rows (ReLU), ``out_proj`` into v_proj's output rows.
         n_clusters: activation clusters per site, an int or a dict by role (1 = per tensor).
         cluster_features: ``minmax`` (RPTQ) or ``maxstd`` (absmax, std) k-means features.
+        a_outlier_bits: bits of the outlier clusters (mixed precision), or None for all at ``a_bits``.
+        a_outlier_clusters: how many clusters (widest range first) get ``a_outlier_bits``.
+        rotate: fuse a seeded random Hadamard rotation of the residual stream (QuaRot) into the
+            weights, with online Hadamard nodes before fc2/down_proj (``RotatePass``).
+        gptq: GPTQ weight quantization (error compensation with the calibration Hessian) instead of
+            round-to-nearest; ``gptq_act_order``, ``gptq_damp`` (fraction of the mean Hessian
+            diagonal added) and ``gptq_block_size`` (columns per lazy batch) as in the GPTQ paper.
         skip: module-path patterns (fnmatch) of Linears left entirely in float.
         seed / kmeans_n_init: k-means determinism.
         calib_batch_size: sequences per calibration forward.
@@ -45,10 +54,18 @@ class QuantConfig:
     a_bits: int | None = 4
     w_group_size: int | None = None
     a_symmetric: bool = False
+    a_dynamic: bool = False
     smooth_alpha: float | None = 0.5
     smooth_sites: list[str] = field(default_factory=lambda: ["qkv", "fc1", "fc2", "out_proj"])
     n_clusters: int | dict[str, int] = 8
     cluster_features: str = "minmax"
+    a_outlier_bits: int | None = None
+    a_outlier_clusters: int = 1
+    rotate: bool = False
+    gptq: bool = False
+    gptq_act_order: bool = True
+    gptq_damp: float = 0.01
+    gptq_block_size: int = 128
     skip: list[str] = field(default_factory=lambda: ["lm_head"])
     seed: int = 0
     kmeans_n_init: int = 4
@@ -58,7 +75,7 @@ class QuantConfig:
         self.validate()
 
     def validate(self) -> None:
-        for key in ("w_bits", "a_bits"):
+        for key in ("w_bits", "a_bits", "a_outlier_bits"):
             v = getattr(self, key)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 2 <= v <= 8):
                 raise ConfigError(f"config key {key!r} must be an integer in 2..8 or null, got {v!r}")
@@ -84,10 +101,23 @@ class QuantConfig:
             raise ConfigError(f"config key 'cluster_features' must be one of {_FEATURES}, got {self.cluster_features!r}")
         if not isinstance(self.skip, (list, tuple)) or not all(isinstance(p, str) for p in self.skip):
             raise ConfigError(f"config key 'skip' must be a list of module-name patterns, got {self.skip!r}")
-        for key in ("kmeans_n_init", "calib_batch_size"):
+        for key in ("a_symmetric", "a_dynamic", "rotate", "gptq", "gptq_act_order"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"config key {key!r} must be true or false, got {getattr(self, key)!r}")
+        d = self.gptq_damp
+        if not isinstance(d, (int, float)) or isinstance(d, bool) or not 0 <= d < 1:
+            raise ConfigError(f"config key 'gptq_damp' must be in [0, 1), got {d!r}")
+        for key in ("kmeans_n_init", "calib_batch_size", "a_outlier_clusters", "gptq_block_size"):
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"config key {key!r} must be a positive integer, got {v!r}")
+        if self.a_outlier_bits is not None and self.a_bits is None:
+            raise ConfigError("config key 'a_outlier_bits' needs quantized activations; 'a_bits' is null")
+        if self.a_outlier_bits is not None and self.a_dynamic:
+            raise ConfigError(
+                "config keys 'a_outlier_bits' and 'a_dynamic' cannot be combined: mixed precision promotes "
+                "static clusters, and per-token dynamic ranges have none"
+            )
 
     def clusters_for(self, role: str) -> int:
         if isinstance(self.n_clusters, dict):

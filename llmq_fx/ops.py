@@ -12,7 +12,7 @@ import torch
 
 from llmq_fx import qmath
 
-__all__ = ["quantize_dequantize", "dequantize_weight", "QDQ_OPS"]
+__all__ = ["quantize_dequantize", "quantize_dequantize_dynamic", "dequantize_weight", "QDQ_OPS"]
 
 
 @torch.library.custom_op("llmq::quantize_dequantize", mutates_args=())
@@ -23,6 +23,17 @@ def quantize_dequantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.
 
 @quantize_dequantize.register_fake
 def _(x, scale, zero_point, qmin, qmax):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("llmq::quantize_dequantize_dynamic", mutates_args=())
+def quantize_dequantize_dynamic(x: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
+    """Dynamic per-token activation QDQ: scale/zero point from each token's own min/max."""
+    return qmath.dynamic_fake_quantize(x, bits, symmetric)
+
+
+@quantize_dequantize_dynamic.register_fake
+def _(x, bits, symmetric):
     return torch.empty_like(x)
 
 
@@ -37,4 +48,8 @@ def _(qweight, scale, bits):
     return torch.empty(qweight.shape, dtype=torch.float32, device=qweight.device)
 
 
-QDQ_OPS = (torch.ops.llmq.quantize_dequantize.default, torch.ops.llmq.dequantize_weight.default)
+QDQ_OPS = (
+    torch.ops.llmq.quantize_dequantize.default,
+    torch.ops.llmq.quantize_dequantize_dynamic.default,
+    torch.ops.llmq.dequantize_weight.default,
+)

@@ -12,7 +12,11 @@ is used on purpose: it is what onnxruntime does, and a reciprocal changes roundi
 
 from __future__ import annotations
 
+import logging
+
 import torch
+
+from llmq_fx.errors import StatisticsError
 
 __all__ = [
     "integer_range",
@@ -21,9 +25,13 @@ __all__ = [
     "dequantize",
     "fake_quantize",
     "quantize_weight",
+    "dynamic_fake_quantize",
     "dequantize_weight",
+    "gptq_quantize_weight",
     "SCALE_EPS",
 ]
+
+logger = logging.getLogger(__name__)
 
 # Smallest scale: a channel that never moved from zero still gets a finite, positive scale.
 SCALE_EPS = 1e-8
@@ -94,6 +102,21 @@ def fake_quantize(
     return ((q - z) * s).to(x.dtype)
 
 
+def dynamic_fake_quantize(x: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
+    """Per-token dynamic QDQ: every row (last axis = channels) gets its own range at run time.
+
+    Same formulas as the static path (``minmax_scale_zero_point`` then ``fake_quantize``), with the
+    range taken from the token itself, as QuaRot / per-token W4A4 schemes do.
+    """
+    qmin, qmax = integer_range(bits, symmetric)
+    xf = x.to(torch.float32)
+    lo = xf.amin(dim=-1, keepdim=True)
+    hi = xf.amax(dim=-1, keepdim=True)
+    scale, zero_point = minmax_scale_zero_point(lo, hi, bits, symmetric)
+    q = (torch.round(xf / scale) + zero_point).clamp(qmin, qmax)
+    return ((q - zero_point) * scale).to(x.dtype)
+
+
 def quantize_weight(
     weight: torch.Tensor, bits: int, group_size: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,4 +151,135 @@ def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tenso
     n_groups = scale.shape[1]
     return (q.reshape(out_features, n_groups, in_features // n_groups) * scale[:, :, None]).reshape(
         out_features, in_features
+    )
+
+
+# GPTQ retries a failed Cholesky with the dampening multiplied by these factors (floor 1e-3 of mean(diag H)).
+_GPTQ_DAMP_RETRIES = (1, 10, 100, 1000)
+
+
+def gptq_quantize_weight(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    bits: int,
+    group_size: int | None = None,
+    act_order: bool = True,
+    damp: float = 0.01,
+    block_size: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ (Frantar et al. 2023): round column by column, pushing each column's error onto the rest.
+
+    Minimizes the layer output error ``||X W^T - X Wq^T||^2 = tr((W - Wq) H (W - Wq)^T)`` with
+    ``H = X^T X`` (any positive multiple, e.g. the mean over tokens) greedily: after column ``j`` is
+    rounded, the optimal change of the columns not yet rounded is ``-err_j * Hinv[j, j:] / Hinv[j, j]``
+    (OBS), where ``Hinv`` is the inverse Hessian of the remaining columns. Its upper Cholesky factor
+    ``U`` (``Hinv = U^T U``) holds every one of those rows at once: row ``j`` of ``U`` is ``Hinv_j[j, j:]``
+    scaled by ``1 / sqrt(Hinv_j[j, j])``. Updates inside a block of ``block_size`` columns are applied
+    at once; the rest of the matrix gets one matmul per block (lazy batch updates).
+
+    * Dead inputs (``H_jj == 0``, never non-zero in calibration) get ``H_jj = 1`` and ``W[:, j] = 0``.
+    * ``damp * mean(diag H)`` is added to the diagonal; if the Cholesky still fails, it is retried with
+      10x, 100x, 1000x that (a warning is logged) before ``StatisticsError`` is raised.
+    * ``act_order`` processes columns by descending ``H_jj`` (largest inputs first, while the most
+      columns are left to absorb their error) and un-permutes at the end.
+    * Scales: per channel, ``absmax / qmax`` of each row (after zeroing dead columns), as
+      ``quantize_weight``. Grouped without ``act_order``: each group's scale is taken from the
+      *error-updated* weights when the loop reaches its first column (blocks are rounded to a
+      multiple of ``group_size`` so that the group's columns are up to date). Grouped with
+      ``act_order``: "static groups" -- all group scales from the weight before any update, so a group
+      stays the contiguous input columns ``[g*G, (g+1)*G)`` of the ONNX blocked layout although the
+      columns are visited out of order.
+
+    All math is float32 on ``weight``'s device (CUDA when the model is on CUDA).
+
+    Returns:
+        ``(qweight, scale)`` in ``quantize_weight``'s layout: int8 ``[out, in]`` codes, float32 scale
+        ``[out]`` or ``[out, in // group_size]``; ``dequantize_weight(qweight, scale)`` is the GPTQ weight.
+
+    Example:
+        >>> q, s = gptq_quantize_weight(w, x.T @ x / len(x), bits=4, group_size=128)
+        >>> w_hat = dequantize_weight(q, s)
+    """
+    out_features, in_features = weight.shape
+    if hessian.shape != (in_features, in_features):
+        raise ValueError(f"Hessian shape {tuple(hessian.shape)} does not match in_features={in_features}")
+    if group_size is not None and in_features % group_size:
+        raise ValueError(f"group size {group_size} does not divide in_features={in_features}")
+    if block_size < 1:
+        raise ValueError(f"block size must be positive, got {block_size}")
+    qmin, qmax = integer_range(bits, symmetric=True)
+    w = weight.detach().to(torch.float32).clone()
+    h = hessian.detach().to(device=w.device, dtype=torch.float32).clone()
+
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+
+    # Scales fixed before the loop (per channel, or static groups); dynamic groups fill theirs in.
+    if group_size is None:
+        scale = (w.abs().amax(dim=1) / qmax).clamp_min(SCALE_EPS)
+    else:
+        n_groups = in_features // group_size
+        scale = (w.reshape(out_features, n_groups, group_size).abs().amax(dim=2) / qmax).clamp_min(SCALE_EPS)
+        block_size = max(group_size, block_size // group_size * group_size)
+    static_scale = group_size is None or act_order
+
+    if act_order:
+        perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+        w = w[:, perm]
+        h = h[perm][:, perm]
+    else:
+        perm = torch.arange(in_features, device=w.device)
+    if group_size is not None and static_scale:
+        column_scale = scale[:, perm // group_size]  # [out, in] in visiting order; indexed by ints below
+
+    u = _upper_cholesky_of_inverse(h, damp)
+    codes = torch.empty_like(w)
+    for i1 in range(0, in_features, block_size):
+        i2 = min(i1 + block_size, in_features)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.empty_like(w1)
+        u1 = u[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            j = i1 + i
+            if group_size is None:
+                s = scale
+            elif static_scale:
+                s = column_scale[:, j]
+            else:
+                if j % group_size == 0:
+                    # Groups never straddle blocks: w1 holds the group's fully updated columns.
+                    scale[:, j // group_size] = (w1[:, i:i + group_size].abs().amax(dim=1) / qmax).clamp_min(SCALE_EPS)
+                s = scale[:, j // group_size]
+            col = w1[:, i]
+            q = torch.round(col / s).clamp(qmin, qmax)
+            codes[:, j] = q
+            e = (col - q * s) / u1[i, i]
+            w1[:, i:] -= e[:, None] * u1[i, i:][None, :]
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ u[i1:i2, i2:]
+
+    if act_order:
+        codes = codes[:, torch.argsort(perm)]
+    return codes.to(torch.int8), scale
+
+
+def _upper_cholesky_of_inverse(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper ``U`` with ``U^T U = (H + lambda I)^-1``, ``lambda = damp * mean(diag H)``, retried with more damping."""
+    mean_diag = torch.diagonal(h).mean()
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    tried = []
+    for factor in _GPTQ_DAMP_RETRIES:
+        d = damp if factor == 1 else max(damp, 1e-3) * factor
+        tried.append(d)
+        lower, info = torch.linalg.cholesky_ex(h + d * mean_diag * eye)
+        if int(info) == 0:
+            u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            if int(info) == 0 and bool(torch.isfinite(u).all()):
+                if factor != 1:
+                    logger.warning("GPTQ: Hessian needed dampening %g (asked %g) to be positive definite", d, damp)
+                return u
+    raise StatisticsError(
+        f"GPTQ: the Hessian is not positive definite even with dampening {', '.join(f'{d:g}' for d in tried)} "
+        "x mean(diag H); calibrate on more tokens or raise 'gptq_damp'"
     )

@@ -1,4 +1,4 @@
-"""The pipeline in one place: observe -> calibrate -> smooth -> group -> quantize."""
+"""The pipeline in one place: (rotate) -> observe -> calibrate -> smooth -> group -> (gptq) -> quantize."""
 
 from __future__ import annotations
 
@@ -50,13 +50,28 @@ def quantize(
     meta["config"] = config.to_dict()
     timings = meta.setdefault("timings_s", {})
 
-    stages = [("observe", lambda: InsertObserversPass()(qgm))]
+    w_gptq = config.gptq and config.w_bits is not None
+    stages = []
+    if config.rotate:
+        from llmq_fx.passes.rotate import RotatePass
+
+        stages.append(("rotate", lambda: RotatePass(seed=config.seed)(qgm)))
+    stages.append(("observe", lambda: InsertObserversPass(hessian=w_gptq)(qgm)))
     stages.append(("calibrate", lambda: meta.__setitem__("calib_tokens", calibrate(qgm, calib, config.calib_batch_size, progress))))
     if config.smooth_alpha is not None and config.smooth_sites:
         stages.append(("smooth", lambda: SmoothPass(config.smooth_alpha, config.smooth_sites, config.skip)(qgm)))
-    if config.a_bits is not None:
+    if config.a_bits is not None and not config.a_dynamic:
         stages.append(("group", lambda: GroupChannelsPass(config.clusters_for, config.cluster_features, config.seed, config.kmeans_n_init)(qgm)))
-    stages.append(("quantize", lambda: InsertQDQPass(config.w_bits, config.a_bits, config.w_group_size, config.a_symmetric, config.skip)(qgm)))
+    if w_gptq:
+        from llmq_fx.passes.gptq import GPTQPass
+
+        stages.append(("gptq", lambda: GPTQPass(
+            config.w_bits, config.w_group_size, config.gptq_act_order, config.gptq_damp, config.gptq_block_size, config.skip
+        )(qgm)))
+    stages.append(("quantize", lambda: InsertQDQPass(
+        config.w_bits, config.a_bits, config.w_group_size, config.a_symmetric, config.skip, config.a_dynamic,
+        config.a_outlier_bits, config.a_outlier_clusters,
+    )(qgm)))
 
     bar = tqdm(stages, desc="llmq_fx", unit="stage", disable=not progress)
     for name, run in bar:

@@ -4,6 +4,11 @@
 consumers. It keeps, per input channel, the count, min, max, mean and the sum of squared deviations
 (M2), merged batch by batch with Chan et al.'s parallel update, so no activation is ever stored and
 the result equals a two-pass computation over all calibration tokens.
+
+With ``hessian=True`` (for GPTQ) it also accumulates the input's second-moment matrix
+``sum_t x_t^T x_t`` ([C, C], float32, one matmul per batch on the input's device). Divided by the
+token count it is ``X^T X / N``, half the Hessian of the layer's mean squared output error with
+respect to a weight row; GPTQ's updates do not depend on that factor.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from llmq_fx.errors import StatisticsError
 
 __all__ = ["ChannelStats", "WeightStats", "weight_stats", "ActivationObserver"]
 
@@ -50,11 +57,16 @@ def weight_stats(weight: torch.Tensor) -> WeightStats:
 
 
 class ActivationObserver(nn.Module):
-    """Identity module that records per-channel min/max/mean/std of its input's last dimension."""
+    """Identity module that records per-channel min/max/mean/std of its input's last dimension.
 
-    def __init__(self, num_channels: int):
+    ``hessian=True`` also records ``X^T X`` over all tokens (buffer ``hessian``, [C, C] float32);
+    without it the buffers are exactly the statistics ones, so saved observers keep loading.
+    """
+
+    def __init__(self, num_channels: int, hessian: bool = False):
         super().__init__()
         self.num_channels = num_channels
+        self.track_hessian = hessian
         self.register_buffer("count", torch.zeros((), dtype=torch.float64))
         self.register_buffer("min_val", torch.full((num_channels,), float("inf"), dtype=torch.float64))
         self.register_buffer("max_val", torch.full((num_channels,), float("-inf"), dtype=torch.float64))
@@ -62,6 +74,8 @@ class ActivationObserver(nn.Module):
         self.register_buffer("m2", torch.zeros(num_channels, dtype=torch.float64))
         # Product of all smoothing scales applied so far: stats before smoothing = stats * this.
         self.register_buffer("smoothing_scale", torch.ones(num_channels, dtype=torch.float64))
+        if hessian:
+            self.register_buffer("hessian", torch.zeros(num_channels, num_channels, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.num_channels:
@@ -77,6 +91,9 @@ class ActivationObserver(nn.Module):
         # One batch's moments in float32 around its own mean (no catastrophic cancellation, and
         # float32 keeps calibration close to the cost of the forward pass); batches merge in float64.
         flat = flat.float()
+        if self.track_hessian:
+            # A sum, not a running mean: one addmm per batch and no host sync; hessian_matrix() divides.
+            self.hessian.addmm_(flat.T, flat)
         bmin, bmax = torch.aminmax(flat, dim=0)
         mean32 = flat.mean(dim=0)
         centered = flat - mean32
@@ -98,12 +115,25 @@ class ActivationObserver(nn.Module):
         var = self.m2 / max(count, 1)
         return ChannelStats(count, self.min_val.clone(), self.max_val.clone(), self.mean.clone(), var.sqrt())
 
+    def hessian_matrix(self) -> torch.Tensor:
+        """Mean ``X^T X / N`` over all calibration tokens (float32 [C, C], on the observer's device).
+
+        Raises ``StatisticsError`` when the observer was built without ``hessian=True`` or saw no tokens.
+        """
+        if not self.track_hessian:
+            raise StatisticsError("observer has no Hessian: insert observers with InsertObserversPass(hessian=True)")
+        count = int(self.count.item())
+        if count == 0:
+            raise StatisticsError("observer saw no tokens, its Hessian is empty")
+        return self.hessian / count
+
     @torch.no_grad()
     def scale_channels(self, s: torch.Tensor) -> None:
         """Record the statistics of ``x / s`` (per channel, ``s > 0``) without re-calibrating.
 
         Dividing a channel by a positive constant divides min, max, mean and std by it and keeps
         min below max, so the transformed summary is exactly the summary of the smoothed input.
+        The Hessian of ``x / s`` is ``diag(1/s) X^T X diag(1/s)``: entry ``(i, j)`` divides by ``s_i s_j``.
         """
         s = s.to(self.mean)
         if torch.any(s <= 0):
@@ -112,6 +142,8 @@ class ActivationObserver(nn.Module):
         self.max_val /= s
         self.mean /= s
         self.m2 /= s**2
+        if self.track_hessian:
+            self.hessian.copy_(self.hessian.double() / torch.outer(s, s))
         self.smoothing_scale *= s
 
     def extra_repr(self) -> str:

@@ -8,13 +8,18 @@ from llmq_fx.graph import attr, linear_nodes, module_path
 
 __all__ = ["summary", "format_summary"]
 
-_COLUMNS = ("module", "role", "in_features", "out_features", "w_bits", "w_group_size", "a_bits", "clusters", "smoothed")
+_COLUMNS = (
+    "module", "role", "in_features", "out_features", "w_bits", "w_group_size", "a_bits", "a_effective_bits", "clusters",
+    "smoothed",
+)
 
 
 def summary(gm: fx.GraphModule) -> list[dict]:
     """Rows with ``module``, ``in_features``, ``out_features``, ``w_bits``, ``a_bits``, ``clusters``, ``smoothed``...
 
-    Works on a float graph too (all quantization fields None).
+    ``a_effective_bits`` is the activation code width averaged over the input channels: ``a_bits``
+    unless mixed precision (``a_outlier_bits``) put some clusters at more bits. Works on a float
+    graph too (all quantization fields None).
     """
     info = gm.meta.get("llmq_fx", {}).get("linears", {})
     rows = []
@@ -35,6 +40,7 @@ def summary(gm: fx.GraphModule) -> list[dict]:
                 "w_bits": rec.get("w_bits"),
                 "w_group_size": rec.get("w_group_size"),
                 "a_bits": rec.get("a_bits"),
+                "a_effective_bits": rec.get("a_effective_bits"),
                 "clusters": rec.get("clusters"),
                 "smoothed": rec.get("smoothed", False),
             }
@@ -45,6 +51,8 @@ def summary(gm: fx.GraphModule) -> list[dict]:
 def format_summary(rows: list[dict]) -> str:
     """A fixed-width text table of ``summary`` rows."""
     def cell(v):
+        if isinstance(v, float):
+            return f"{v:.2f}"
         return "-" if v is None else str(v)
 
     widths = {c: max(len(c), *(len(cell(r.get(c))) for r in rows)) if rows else len(c) for c in _COLUMNS}

@@ -81,9 +81,19 @@ def onnx_qdq_report(path: str | os.PathLike) -> dict:
     producers = {out: node for node in graph.node for out in node.output}
 
     def q_type(node: onnx.NodeProto) -> int | None:
-        """Integer type of a QuantizeLinear: its zero point's type, else ``output_dtype``, else UINT8."""
+        """Integer type of a QuantizeLinear: its zero point's type, else ``output_dtype``, else UINT8.
+
+        A static zero point is an initializer; a dynamic (per-token) one is computed in float and
+        ``Cast`` to the integer type, which then names the type.
+        """
         if len(node.input) > 2 and node.input[2]:
-            return init_types.get(node.input[2])
+            zp = node.input[2]
+            if zp in init_types:
+                return init_types[zp]
+            producer = producers.get(zp)
+            if producer is not None and producer.op_type == "Cast":
+                return next((a.i for a in producer.attribute if a.name == "to"), None)
+            return None
         attrs = {a.name: a.i for a in node.attribute}
         return attrs.get("output_dtype") or onnx.TensorProto.UINT8
 

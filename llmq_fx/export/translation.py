@@ -2,6 +2,9 @@
 
 * ``llmq.quantize_dequantize(x, scale, zero_point, qmin, qmax)`` becomes
   ``QuantizeLinear -> DequantizeLinear`` along the last axis (per-axis scale and zero point).
+* ``llmq.quantize_dequantize_dynamic(x, bits, symmetric)`` becomes the per-token range subgraph
+  ``ReduceMin/ReduceMax(axis=-1) -> scale, zero point -> QuantizeLinear -> DequantizeLinear``
+  (``DynamicQuantizeLinear`` is UINT8 and per-tensor only, so it cannot express 4-bit per-token codes).
 * ``llmq.dequantize_weight(weight_int, scale, bits)`` becomes ``DequantizeLinear`` of the integer
   weight: per output channel (``axis=0``) or blocked (``axis=1, block_size=G``).
 
@@ -24,8 +27,15 @@ import torch
 from onnxscript import opset21 as op
 
 from llmq_fx import ops  # noqa: F401  (registers torch.ops.llmq)
+from llmq_fx import qmath
 
-__all__ = ["onnx_integer_type", "quantize_dequantize_onnx", "dequantize_weight_onnx", "TRANSLATION_TABLE"]
+__all__ = [
+    "onnx_integer_type",
+    "quantize_dequantize_onnx",
+    "quantize_dequantize_dynamic_onnx",
+    "dequantize_weight_onnx",
+    "TRANSLATION_TABLE",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +70,52 @@ def quantize_dequantize_onnx(x, scale, zero_point, qmin: int, qmax: int):
     return op.DequantizeLinear(q, scale, zp, axis=-1)
 
 
+def quantize_dequantize_dynamic_onnx(x, bits: int, symmetric: bool):
+    """Per-token QDQ, as ``torch.ops.llmq.quantize_dequantize_dynamic`` (``qmath.dynamic_fake_quantize``).
+
+    The range of each token (last axis) is reduced at run time and turned into a scale and zero
+    point with ``qmath.minmax_scale_zero_point``'s formulas, op for op (division, round half to
+    even, clamp to ``SCALE_EPS``), so onnxruntime computes the same floats as PyTorch. The
+    ``[..., 1]`` scale is a *blocked* QuantizeLinear/DequantizeLinear scale (``axis=-1``,
+    ``block_size=channels``: one block per token), which keeps the codes real UINT4/INT4 tensors;
+    onnxruntime runs it bit-exact with its QDQ fusion on or off. Symmetric codes have no zero
+    point: ``output_dtype`` names the signed type.
+    """
+    qmin, qmax = qmath.integer_range(bits, symmetric)
+    elem_type, type_min, type_max = onnx_integer_type(qmin, qmax)
+    channels = x.shape[-1]
+    if not isinstance(channels, int):
+        raise ValueError(f"dynamic activation QDQ needs a static channel count, got shape {x.shape}")
+    last_axis = op.Constant(value_ints=[-1])
+    zero = op.Constant(value_float=0.0)
+    # Widened to contain zero, as minmax_scale_zero_point does: zero stays exactly representable.
+    lo = op.Min(op.ReduceMin(x, last_axis, keepdims=1), zero)
+    hi = op.Max(op.ReduceMax(x, last_axis, keepdims=1), zero)
+    eps = op.Constant(value_float=qmath.SCALE_EPS)
+    if symmetric:
+        scale = op.Max(op.Div(op.Max(op.Neg(lo), hi), op.Constant(value_float=float(qmax))), eps)
+        zero_point = zero
+    else:
+        scale = op.Max(op.Div(op.Sub(hi, lo), op.Constant(value_float=float(qmax - qmin))), eps)
+        zero_point = op.Clip(
+            op.Round(op.Sub(op.Constant(value_float=float(qmin)), op.Div(lo, scale))),
+            op.Constant(value_float=float(qmin)),
+            op.Constant(value_float=float(qmax)),
+        )
+    if (qmin, qmax) != (type_min, type_max):
+        # 2- and 3-bit codes: clamp to the float image of [qmin, qmax], as quantize_dequantize_onnx.
+        x = op.Min(
+            op.Max(x, op.Mul(op.Sub(op.Constant(value_float=float(qmin)), zero_point), scale)),
+            op.Mul(op.Sub(op.Constant(value_float=float(qmax)), zero_point), scale),
+        )
+    if symmetric:
+        q = op.QuantizeLinear(x, scale, axis=-1, block_size=channels, output_dtype=elem_type)
+        return op.DequantizeLinear(q, scale, axis=-1, block_size=channels)
+    zp = op.Cast(zero_point, to=elem_type)
+    q = op.QuantizeLinear(x, scale, zp, axis=-1, block_size=channels)
+    return op.DequantizeLinear(q, scale, zp, axis=-1, block_size=channels)
+
+
 def dequantize_weight_onnx(weight_int, scale, bits: int):
     """Symmetric weight dequantization, as ``torch.ops.llmq.dequantize_weight`` (zero point 0)."""
     elem_type, _, _ = onnx_integer_type(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
@@ -75,6 +131,7 @@ def dequantize_weight_onnx(weight_int, scale, bits: int):
 
 TRANSLATION_TABLE = {
     torch.ops.llmq.quantize_dequantize.default: quantize_dequantize_onnx,
+    torch.ops.llmq.quantize_dequantize_dynamic.default: quantize_dequantize_dynamic_onnx,
     torch.ops.llmq.dequantize_weight.default: dequantize_weight_onnx,
 }
 """``custom_translation_table`` for ``torch.onnx.export``: llmq custom op -> ONNX function."""

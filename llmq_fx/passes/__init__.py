@@ -1,5 +1,6 @@
 """Graph-rewrite passes, one per file, each a ``PassBase`` returning ``PassResult``."""
 
+from llmq_fx.passes.gptq import GPTQPass
 from llmq_fx.passes.group_channels import GroupChannelsPass, cluster_channels
 from llmq_fx.passes.insert_observers import InsertObserversPass
 from llmq_fx.passes.insert_qdq import InsertQDQPass
@@ -9,6 +10,7 @@ __all__ = [
     "InsertObserversPass",
     "SmoothPass",
     "GroupChannelsPass",
+    "GPTQPass",
     "InsertQDQPass",
     "cluster_channels",
     "smoothing_scales",

@@ -28,7 +28,14 @@ OBSERVER_PREFIX = "llmq_observer_"
 
 
 class InsertObserversPass(PassBase):
-    """Insert one streaming statistics observer per distinct Linear input."""
+    """Insert one streaming statistics observer per distinct Linear input.
+
+    ``hessian=True`` makes every observer also accumulate ``X^T X`` (for GPTQ).
+    """
+
+    def __init__(self, hessian: bool = False):
+        super().__init__()
+        self.hessian = hessian
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         groups: dict[fx.Node, list[fx.Node]] = {}
@@ -40,7 +47,7 @@ class InsertObserversPass(PassBase):
             paths = [module_path(c) for c in consumers]
             name = paths[0] if len(paths) == 1 else _group_name(paths)
             target = OBSERVER_PREFIX + re.sub(r"_+", "_", re.sub(r"[^0-9A-Za-z_]", "_", name)).strip("_")
-            gm.add_submodule(target, ActivationObserver(in_features).to(weight.device))
+            gm.add_submodule(target, ActivationObserver(in_features, hessian=self.hessian).to(weight.device))
             with gm.graph.inserting_after(producer):
                 obs = gm.graph.call_module(target, (producer,))
             obs.meta["llmq_site"] = {"name": name, "consumers": paths, "role": site_role(producer, consumers)}

@@ -6,7 +6,25 @@ Rewrite:
 * activations -- the observer node is replaced by ``llmq.quantize_dequantize(x, scale, zero_point,
   qmin, qmax)`` whose per-channel ``scale``/``zero_point`` buffers hold one value per cluster,
   computed from the cluster's min/max (``qmath.minmax_scale_zero_point``). Skipped consumers read
-  the raw producer; with ``a_bits=None`` the observer is simply removed.
+  the raw producer; with ``a_bits=None`` the observer is simply removed. With ``a_dynamic`` it is
+  ``llmq.quantize_dequantize_dynamic(x, bits, symmetric)`` instead: per-token ranges at run time.
+* mixed precision (``a_outlier_bits``) -- the ``a_outlier_clusters`` clusters of widest calibrated
+  range (``max - min`` over the cluster's channels) are quantized at ``a_outlier_bits``, the rest at
+  ``a_bits``. The channels are *split*, not quantized twice and selected::
+
+      x_lo = index_select(x, -1, channels)          -> quantize_dequantize(a_bits)
+      x_hi = index_select(x, -1, outlier_channels)  -> quantize_dequantize(a_outlier_bits)
+      x_hat = index_select(cat([x_lo, x_hi], -1), -1, restore)
+
+  so every channel has exactly one integer code, of its own width: the ONNX file holds a UINT4
+  (INT4) QuantizeLinear over the ``a_bits`` channels and a UINT8 (INT8) one over the outliers
+  (Gather / Concat around them), and the effective bits are what the codes really take.
+  At least one cluster always stays at ``a_bits`` (``a_outlier_clusters`` is capped at clusters - 1):
+  with one cluster (per-tensor) there is nothing to pick and the site stays at ``a_bits``.
+  Each quantized Linear's record in ``gm.meta["llmq_fx"]["linears"]`` gets ``a_effective_bits``
+  (code bits averaged over its input channels; scales and zero points not counted) and
+  ``gm.meta["llmq_fx"]["a_effective_bits"]`` is the model's mean weighted by each Linear's MACs per
+  token (``in_features * out_features``), so q/k/v count three times for their shared input.
 * weights -- each non-skipped consumer's float weight is replaced by an int8 buffer ``weight_int``
   (values in the ``w_bits`` range) and a ``scale`` buffer on the Linear's module path, read through
   ``llmq.dequantize_weight``; the exporter turns that into an INT4 initializer + DequantizeLinear.
@@ -24,9 +42,9 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from llmq_fx import ops  # noqa: F401  (registers torch.ops.llmq)
 from llmq_fx import qmath
 from llmq_fx.errors import ConfigError
-from llmq_fx.graph import attr, is_skipped, module_path, observer_sites, set_attr
+from llmq_fx.graph import attr, is_skipped, linear_nodes, module_path, observer_sites, set_attr
 
-__all__ = ["InsertQDQPass", "cluster_ranges"]
+__all__ = ["InsertQDQPass", "cluster_ranges", "insert_weight_dequant"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,13 +61,21 @@ class InsertQDQPass(PassBase):
     """Replace observers by activation QDQ nodes and float weights by integer weights + dequantize."""
 
     def __init__(self, w_bits: int | None, a_bits: int | None, w_group_size: int | None = None,
-                 a_symmetric: bool = False, skip: list[str] | None = None):
+                 a_symmetric: bool = False, skip: list[str] | None = None, a_dynamic: bool = False,
+                 a_outlier_bits: int | None = None, a_outlier_clusters: int = 1):
         super().__init__()
         self.w_bits = w_bits
         self.a_bits = a_bits
         self.w_group_size = w_group_size
         self.a_symmetric = a_symmetric
         self.skip = list(skip or [])
+        self.a_dynamic = a_dynamic
+        self.a_outlier_bits = a_outlier_bits
+        self.a_outlier_clusters = a_outlier_clusters
+        if a_dynamic and a_outlier_bits is not None:
+            raise ConfigError(
+                "'a_outlier_bits' needs static per-cluster activations; it cannot be used with 'a_dynamic'"
+            )
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         graph = gm.graph
@@ -61,7 +87,7 @@ class InsertQDQPass(PassBase):
             quantized = [c for c in site.consumers if not is_skipped(module_path(c), self.skip)]
             qdq = None
             if self.a_bits is not None and quantized:
-                qdq = self._activation_qdq(gm, site)
+                qdq = self._dynamic_qdq(gm, site) if self.a_dynamic else self._activation_qdq(gm, site)
             for c in site.consumers:
                 c.replace_input_with(obs, qdq if (qdq is not None and c in quantized) else x)
             for u in list(obs.users):  # non-Linear users (none from our pass) read the raw value
@@ -81,9 +107,13 @@ class InsertQDQPass(PassBase):
                     "w_bits": w_bits,
                     "w_group_size": self.w_group_size if w_bits is not None else None,
                     "a_bits": self.a_bits if (is_q and qdq is not None) else None,
-                    "clusters": meta.get("clusters") if (is_q and qdq is not None) else None,
+                    "clusters": ("per-token" if self.a_dynamic else meta.get("clusters")) if (is_q and qdq is not None) else None,
+                    "a_effective_bits": (
+                        qdq.meta["llmq_site"]["a_effective_bits"] if (is_q and qdq is not None) else None
+                    ),
                     "smoothed": bool(meta.get("smoothed", False)),
                 }
+        gm.meta["llmq_fx"]["a_effective_bits"] = _mean_effective_bits(gm, linears)
         graph.eliminate_dead_code()
         _delete_unused_attributes(gm)
         graph.lint()
@@ -94,22 +124,83 @@ class InsertQDQPass(PassBase):
         st = site.module.stats()
         labels = getattr(site.module, "labels", torch.zeros(st.num_channels, dtype=torch.long, device=st.min.device))
         cmin, cmax = cluster_ranges(st.min, st.max, labels)
-        scale, zero_point = qmath.minmax_scale_zero_point(cmin, cmax, self.a_bits, self.a_symmetric)
-        qmin, qmax = qmath.integer_range(self.a_bits, self.a_symmetric)
         base = site.observer.target.replace("llmq_observer_", "llmq_act_")
-        set_attr(gm, f"{base}_scale", scale)
-        set_attr(gm, f"{base}_zero_point", zero_point)
         set_attr(gm, f"{base}_permutation", getattr(site.module, "permutation", torch.arange(st.num_channels)))
+        outlier = self._outlier_mask(cmin, cmax, labels)
+        site_meta = dict(site.observer.meta.get("llmq_site", {}), a_bits=self.a_bits)
         graph = gm.graph
-        with graph.inserting_after(site.observer):
-            s_node = graph.get_attr(f"{base}_scale")
-        with graph.inserting_after(s_node):
-            z_node = graph.get_attr(f"{base}_zero_point")
-        with graph.inserting_after(z_node):
-            qdq = graph.call_function(
-                torch.ops.llmq.quantize_dequantize.default, (site.producer, s_node, z_node, qmin, qmax)
+        # Before the observer's successor: nodes land in creation order (the observer is erased later).
+        with graph.inserting_before(site.observer.next):
+            if not bool(outlier.any()):
+                qdq = self._cluster_qdq(gm, site.producer, base, cmin, cmax, self.a_bits)
+                effective = float(self.a_bits)
+            else:
+                low = torch.nonzero(~outlier).flatten()
+                high = torch.nonzero(outlier).flatten()
+                set_attr(gm, f"{base}_channels", low)
+                set_attr(gm, f"{base}_outlier_channels", high)
+                set_attr(gm, f"{base}_restore", torch.argsort(torch.cat([low, high])))
+                parts = []
+                for name, index, idx, bits in (
+                    (base, f"{base}_channels", low, self.a_bits),
+                    (f"{base}_outlier", f"{base}_outlier_channels", high, self.a_outlier_bits),
+                ):
+                    channels = graph.call_function(
+                        torch.ops.aten.index_select.default, (site.producer, -1, graph.get_attr(index))
+                    )
+                    part = self._cluster_qdq(gm, channels, name, cmin[idx], cmax[idx], bits)
+                    part.meta["llmq_site"] = dict(site_meta, a_bits=bits)
+                    if "nn_module_stack" in site.producer.meta:
+                        part.meta["nn_module_stack"] = site.producer.meta["nn_module_stack"]
+                    parts.append(part)
+                joined = graph.call_function(torch.ops.aten.cat.default, (parts, -1))
+                restore = graph.get_attr(f"{base}_restore")
+                qdq = graph.call_function(torch.ops.aten.index_select.default, (joined, -1, restore))
+                effective = (len(low) * self.a_bits + len(high) * self.a_outlier_bits) / st.num_channels
+                site_meta.update(a_outlier_bits=self.a_outlier_bits, a_outlier_channels=len(high))
+        qdq.meta["llmq_site"] = dict(site_meta, a_effective_bits=effective)
+        for key in ("val", "nn_module_stack"):
+            if key in site.producer.meta:
+                qdq.meta[key] = site.producer.meta[key]
+        return qdq
+
+    def _outlier_mask(self, cmin: torch.Tensor, cmax: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Bool per channel: member of one of the ``a_outlier_clusters`` clusters of widest range.
+
+        At most clusters - 1 are picked, so a site is never promoted whole; ties go to the lower
+        label (the narrower magnitude, GroupChannelsPass numbers clusters by magnitude).
+        """
+        present = torch.unique(labels)
+        n_outliers = 0 if self.a_outlier_bits is None else min(self.a_outlier_clusters, len(present) - 1)
+        if n_outliers == 0:
+            return torch.zeros_like(labels, dtype=torch.bool)
+        # Channels of a cluster share cmin/cmax; read one member's width per cluster.
+        first = torch.stack([torch.nonzero(labels == c)[0, 0] for c in present])
+        width = (cmax - cmin)[first]
+        widest = present[torch.argsort(width, descending=True, stable=True)[:n_outliers]]
+        return torch.isin(labels, widest)
+
+    def _cluster_qdq(
+        self, gm: fx.GraphModule, x: fx.Node, name: str, cmin: torch.Tensor, cmax: torch.Tensor, bits: int
+    ) -> fx.Node:
+        """A ``bits``-bit ``quantize_dequantize`` of ``x`` reading buffers ``<name>_scale``/``<name>_zero_point``."""
+        scale, zero_point = qmath.minmax_scale_zero_point(cmin, cmax, bits, self.a_symmetric)
+        qmin, qmax = qmath.integer_range(bits, self.a_symmetric)
+        set_attr(gm, f"{name}_scale", scale)
+        set_attr(gm, f"{name}_zero_point", zero_point)
+        graph = gm.graph
+        s_node = graph.get_attr(f"{name}_scale")
+        z_node = graph.get_attr(f"{name}_zero_point")
+        return graph.call_function(torch.ops.llmq.quantize_dequantize.default, (x, s_node, z_node, qmin, qmax))
+
+    def _dynamic_qdq(self, gm: fx.GraphModule, site) -> fx.Node:
+        with gm.graph.inserting_after(site.observer):
+            qdq = gm.graph.call_function(
+                torch.ops.llmq.quantize_dequantize_dynamic.default, (site.producer, self.a_bits, self.a_symmetric)
             )
-        qdq.meta["llmq_site"] = dict(site.observer.meta.get("llmq_site", {}), a_bits=self.a_bits)
+        qdq.meta["llmq_site"] = dict(
+            site.observer.meta.get("llmq_site", {}), a_bits=self.a_bits, dynamic=True, a_effective_bits=float(self.a_bits)
+        )
         for key in ("val", "nn_module_stack"):
             if key in site.producer.meta:
                 qdq.meta[key] = site.producer.meta[key]
@@ -117,21 +208,51 @@ class InsertQDQPass(PassBase):
 
     def _weight_dequant(self, gm: fx.GraphModule, linear: fx.Node, path: str) -> None:
         w_node = linear.args[1]
+        if w_node.op == "call_function" and w_node.target == torch.ops.llmq.dequantize_weight.default:
+            return  # already integer (an earlier weight pass, e.g. GPTQ, quantized it)
         weight = attr(gm, w_node.target)
         if self.w_group_size is not None and weight.shape[1] % self.w_group_size:
             raise ConfigError(
                 f"config key 'w_group_size'={self.w_group_size} does not divide in_features={weight.shape[1]} of {path}"
             )
         qweight, scale = qmath.quantize_weight(weight, self.w_bits, self.w_group_size)
-        set_attr(gm, f"{path}.weight_int", qweight)
-        set_attr(gm, f"{path}.weight_scale", scale)
-        graph = gm.graph
-        with graph.inserting_before(linear):
-            q_node = graph.get_attr(f"{path}.weight_int")
-            s_node = graph.get_attr(f"{path}.weight_scale")
-            deq = graph.call_function(torch.ops.llmq.dequantize_weight.default, (q_node, s_node, self.w_bits))
-        deq.meta["nn_module_stack"] = linear.meta.get("nn_module_stack", {})
-        linear.replace_input_with(w_node, deq)
+        insert_weight_dequant(gm, linear, path, qweight, scale, self.w_bits)
+
+
+def insert_weight_dequant(
+    gm: fx.GraphModule, linear: fx.Node, path: str, qweight: torch.Tensor, scale: torch.Tensor, bits: int
+) -> fx.Node:
+    """Make ``linear`` read its weight as ``llmq.dequantize_weight(path.weight_int, path.weight_scale, bits)``.
+
+    ``qweight``/``scale`` are in ``qmath.quantize_weight``'s layout; they become buffers on the Linear's
+    module path. Shared by every weight quantizer (round-to-nearest here, GPTQ) so the exporter sees
+    one pattern. Returns the dequantize node.
+    """
+    w_node = linear.args[1]
+    set_attr(gm, f"{path}.weight_int", qweight)
+    set_attr(gm, f"{path}.weight_scale", scale)
+    graph = gm.graph
+    with graph.inserting_before(linear):
+        q_node = graph.get_attr(f"{path}.weight_int")
+        s_node = graph.get_attr(f"{path}.weight_scale")
+        deq = graph.call_function(torch.ops.llmq.dequantize_weight.default, (q_node, s_node, bits))
+    deq.meta["nn_module_stack"] = linear.meta.get("nn_module_stack", {})
+    linear.replace_input_with(w_node, deq)
+    return deq
+
+
+def _mean_effective_bits(gm: fx.GraphModule, linears: dict[str, dict]) -> float | None:
+    """Activation code bits averaged over the quantized Linears, weighted by MACs per token (in x out)."""
+    total = weighted = 0.0
+    for node in linear_nodes(gm.graph):
+        bits = linears.get(module_path(node), {}).get("a_effective_bits")
+        if bits is None:
+            continue
+        w = node.args[1]
+        out_features, in_features = attr(gm, w.target if w.op == "get_attr" else w.args[0].target).shape
+        total += in_features * out_features
+        weighted += bits * in_features * out_features
+    return weighted / total if total else None
 
 
 def _site_record(site) -> dict[str, torch.Tensor]:
