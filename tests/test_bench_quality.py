@@ -1,0 +1,85 @@
+"""bench/quality.py: recipes, rows, tables and the RESULTS.md splice, on the tiny random OPT."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from llmq_fx.config import SITE_ROLES, QuantConfig
+from llmq_fx.errors import ConfigError
+
+_PATH = Path(__file__).resolve().parents[1] / "bench" / "quality.py"
+_spec = importlib.util.spec_from_file_location("bench_quality", _PATH)
+quality = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(quality)
+
+
+def test_every_recipe_is_a_valid_config_and_ours_is_the_default():
+    for name, recipe in quality.RECIPES.items():
+        cfg = quality.resolve_recipe(recipe).to_dict()
+        if name == "ours":
+            assert cfg == QuantConfig().to_dict()
+        else:  # baselines do not inherit methods from the project default
+            assert cfg["rotate"] is False and cfg["gptq"] is False and cfg["a_dynamic"] is False, name
+    rptq = quality.resolve_recipe(quality.RECIPES["RPTQ-style"])
+    assert set(rptq.n_clusters) <= set(SITE_ROLES) and rptq.smooth_alpha is None and rptq.cluster_features == "minmax"
+    assert quality.resolve_recipe(quality.RECIPES["RTN"]).n_clusters == 1
+
+
+def test_extra_overrides_the_default_or_a_named_base():
+    name, recipe = quality.parse_extra('ours-no-smooth={"smooth_alpha": null}')
+    assert name == "ours-no-smooth"
+    assert quality.resolve_recipe(recipe).to_dict() == {**QuantConfig().to_dict(), "smooth_alpha": None}
+    _, based = quality.parse_extra('rptq-gptq={"base": "RPTQ-style", "gptq": true}')
+    cfg = quality.resolve_recipe(based)
+    assert cfg.gptq and cfg.n_clusters == quality.RPTQ_CLUSTERS
+    with pytest.raises(ConfigError, match="n_cluster"):
+        quality.parse_extra('bad={"n_cluster": 4}')
+    with pytest.raises(ValueError, match="not JSON"):
+        quality.parse_extra("bad={rotate: true}")
+
+
+def test_rows_float_first_with_pytorch_and_onnxruntime(opt_gm, calib, eval_ids):
+    methods = {k: quality.RECIPES[k] for k in ("RTN", "ours")}
+    seen = []
+    rows = quality.evaluate_methods(opt_gm, calib, eval_ids.reshape(-1), methods, model="tiny", seq_len=20, eval_windows=1,
+                                    on_row=lambda r: seen.append(len(r)))
+    assert [r["method"] for r in rows] == ["float", "RTN", "ours"] and seen == [1, 2, 3]
+    assert not any("error" in r for r in rows)
+    assert rows[0]["ratio_to_float"] == 1.0 and rows[0]["config"] is None
+    assert math.isclose(rows[0]["ppl_ort"], rows[0]["ppl_torch"], rel_tol=1e-4) and not rows[0]["ort_flag"]
+    for r in rows[1:]:
+        assert r["quantize_s"] > 0 and r["onnx_bytes"] > 0 and r["eval_tokens"] == 19
+        assert r["ort_flag"] == (abs(r["ppl_ort"] / r["ppl_torch"] - 1) > quality.ORT_TOLERANCE)
+    assert rows[2]["config"] == QuantConfig().to_dict()
+
+
+def test_markdown_flags_and_splice_keeps_other_content(tmp_path):
+    row = dict(model="m", method="ours", ppl_torch=20.0, ppl_ort=21.0, ort_vs_torch=0.05, ort_flag=True, ratio_to_float=2.0,
+               quantize_s=1.0, onnx_bytes=2**20, eval_tokens=10)
+    report = {"machine": quality.machine(quality.torch.device("cpu")), "date": "today", "complete": False, "command": "cmd",
+              "setup": {"seq_len": 8, "calib_samples": 1, "eval_windows": 1},
+              "recipes": {"ours": {**quality.RECIPES["ours"], "resolved": QuantConfig().to_dict()}},
+              "models": ["m"], "model_setup": {}, "rows": [row, dict(model="m", method="RTN", error="ExportError: boom")]}
+    md = quality.markdown(report)
+    assert "| ours | 20.00 | 21.00 ⚠ +5.0% vs PyTorch | 2.000 | 1.0 | 1.00 |" in md
+    assert "| RTN | failed: ExportError: boom |" in md and "incomplete run" in md
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# Results\n\nspeed table\n")
+    quality.splice_results_md(path, md)
+    quality.splice_results_md(path, "second")
+    text = path.read_text()
+    assert text.startswith("# Results\n\nspeed table\n") and text.count(quality.BEGIN) == 1 and "second" in text and "⚠" not in text
+
+
+def test_main_writes_json_md_and_results_section(tmp_path):
+    out, results = tmp_path / "q" / "quality", tmp_path / "RESULTS.md"
+    rc = quality.main(["--models", "opt-tiny-random", "--recipes", "rtn", "--seq-len", "32", "--calib-samples", "1",
+                       "--eval-windows", "1", "--no-ort", "--out", str(out), "--results-md", str(results)])
+    assert rc == 0
+    data = json.loads(out.with_name("quality.json").read_text())
+    assert data["complete"] and [r["method"] for r in data["rows"]] == ["float", "RTN"]
+    assert data["rows"][1]["ppl_torch"] > 0 and "ppl_ort" not in data["rows"][1]
+    assert "### opt-tiny-random" in results.read_text() and "not run" in out.with_name("quality.md").read_text()
