@@ -38,6 +38,10 @@ class QuantConfig:
             norm, ``fc2`` into fc1's output rows (ReLU), ``out_proj`` into v_proj's output rows.
         n_clusters: activation clusters per site, an int or a dict by role (1 = per tensor).
         cluster_features: ``minmax`` (RPTQ) or ``maxstd`` (absmax, std) k-means features.
+        a_clip_ratio: factor in (0, 1] applied to every activation range (static cluster min/max or
+            dynamic per-token min/max) before its scale is computed; values beyond saturate.
+        w_clip: search each weight row's (group's) clipping ratio minimizing its rounding error
+            instead of using its absmax (RTN and GPTQ alike).
         a_outlier_bits: bits of the outlier clusters (mixed precision), or None for all at ``a_bits``.
         a_outlier_clusters: how many clusters (widest range first) get ``a_outlier_bits``.
         rotate: fuse a seeded random Hadamard rotation of the residual stream (QuaRot) into the
@@ -59,6 +63,8 @@ class QuantConfig:
     smooth_sites: list[str] = field(default_factory=lambda: ["qkv", "fc1", "fc2", "out_proj"])
     n_clusters: int | dict[str, int] = 8
     cluster_features: str = "minmax"
+    a_clip_ratio: float = 1.0
+    w_clip: bool = False
     a_outlier_bits: int | None = None
     a_outlier_clusters: int = 1
     rotate: bool = False
@@ -101,7 +107,10 @@ class QuantConfig:
             raise ConfigError(f"config key 'cluster_features' must be one of {_FEATURES}, got {self.cluster_features!r}")
         if not isinstance(self.skip, (list, tuple)) or not all(isinstance(p, str) for p in self.skip):
             raise ConfigError(f"config key 'skip' must be a list of module-name patterns, got {self.skip!r}")
-        for key in ("a_symmetric", "a_dynamic", "rotate", "gptq", "gptq_act_order"):
+        c = self.a_clip_ratio
+        if not isinstance(c, (int, float)) or isinstance(c, bool) or not 0 < c <= 1:
+            raise ConfigError(f"config key 'a_clip_ratio' must be in (0, 1], got {c!r}")
+        for key in ("a_symmetric", "a_dynamic", "rotate", "gptq", "gptq_act_order", "w_clip"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"config key {key!r} must be true or false, got {getattr(self, key)!r}")
         d = self.gptq_damp

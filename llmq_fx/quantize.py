@@ -66,11 +66,12 @@ def quantize(
         from llmq_fx.passes.gptq import GPTQPass
 
         stages.append(("gptq", lambda: GPTQPass(
-            config.w_bits, config.w_group_size, config.gptq_act_order, config.gptq_damp, config.gptq_block_size, config.skip
+            config.w_bits, config.w_group_size, config.gptq_act_order, config.gptq_damp, config.gptq_block_size, config.skip,
+            config.w_clip,
         )(qgm)))
     stages.append(("quantize", lambda: InsertQDQPass(
         config.w_bits, config.a_bits, config.w_group_size, config.a_symmetric, config.skip, config.a_dynamic,
-        config.a_outlier_bits, config.a_outlier_clusters,
+        config.a_outlier_bits, config.a_outlier_clusters, config.a_clip_ratio, config.w_clip,
     )(qgm)))
 
     bar = tqdm(stages, desc="llmq_fx", unit="stage", disable=not progress)

@@ -26,14 +26,15 @@ N_LINEARS = 2 * 6
 
 
 # ---- numpy reference, written independently of llmq_fx.qmath --------------------------------
-def np_dynamic_fake_quant(x: np.ndarray, bits: int, symmetric: bool) -> np.ndarray:
-    """Row by row (last axis = channels), in float32, rounding half to even as ONNX does."""
+def np_dynamic_fake_quant(x: np.ndarray, bits: int, symmetric: bool, clip: float = 1.0) -> np.ndarray:
+    """Row by row (last axis = channels), in float32, rounding half to even as ONNX does; ``clip``
+    shrinks each row's min and max before the range is widened to contain zero."""
     qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
     f = np.float32
     rows = x.reshape(-1, x.shape[-1]).astype(f)
     out = np.empty_like(rows)
     for i, row in enumerate(rows):
-        lo, hi = min(row.min(), f(0)), max(row.max(), f(0))
+        lo, hi = min(row.min() * f(clip), f(0)), max(row.max() * f(clip), f(0))
         if symmetric:
             scale, zp = max(max(-lo, hi) / f(qmax), f(1e-8)), f(0)
         else:
@@ -55,33 +56,37 @@ def _activations(seed: int = 0) -> torch.Tensor:
     return x
 
 
-BIT_CASES = [(2, False), (3, True), (4, False), (4, True), (8, False)]
+BIT_CASES = [(2, False, 1.0), (3, True, 1.0), (4, False, 1.0), (4, True, 1.0), (8, False, 1.0),
+             (4, False, 0.9), (4, True, 0.8)]
 
 
-@pytest.mark.parametrize("bits, symmetric", BIT_CASES)
-def test_dynamic_op_matches_per_row_reference(bits, symmetric):
+@pytest.mark.parametrize("bits, symmetric, clip", BIT_CASES)
+def test_dynamic_op_matches_per_row_reference(bits, symmetric, clip):
     x = _activations()
-    got = torch.ops.llmq.quantize_dequantize_dynamic(x, bits, symmetric)
-    np.testing.assert_array_equal(got.numpy(), np_dynamic_fake_quant(x.numpy(), bits, symmetric))
+    got = torch.ops.llmq.quantize_dequantize_dynamic(x, bits, symmetric, clip)
+    np.testing.assert_array_equal(got.numpy(), np_dynamic_fake_quant(x.numpy(), bits, symmetric, clip))
+    if clip < 1:  # clipped: the largest magnitude of a row saturates below itself
+        top = x.abs().amax(dim=-1)
+        assert bool((got.abs().amax(dim=-1) < top)[top > 0].all())
     # Each token has its own grid: at most 2^bits distinct values a row.
     assert max(len(np.unique(r)) for r in got.reshape(-1, 16).numpy()) <= 2**bits
 
 
 class _DynamicQDQ(torch.nn.Module):
-    def __init__(self, bits: int, symmetric: bool):
+    def __init__(self, bits: int, symmetric: bool, clip: float):
         super().__init__()
-        self.bits, self.symmetric = bits, symmetric
+        self.bits, self.symmetric, self.clip = bits, symmetric, clip
 
     def forward(self, x):
-        return QDQ_DYNAMIC(x, self.bits, self.symmetric)
+        return QDQ_DYNAMIC(x, self.bits, self.symmetric, self.clip)
 
 
-@pytest.mark.parametrize("bits, symmetric", BIT_CASES)
-def test_dynamic_onnx_subgraph_is_bit_exact(tmp_path, bits, symmetric):
+@pytest.mark.parametrize("bits, symmetric, clip", BIT_CASES)
+def test_dynamic_onnx_subgraph_is_bit_exact(tmp_path, bits, symmetric, clip):
     path = tmp_path / "qdq.onnx"
     x = _activations()
     torch.onnx.export(
-        _DynamicQDQ(bits, symmetric).eval(), (x,), path, dynamo=True, opset_version=21,
+        _DynamicQDQ(bits, symmetric, clip).eval(), (x,), path, dynamo=True, opset_version=21,
         custom_translation_table=TRANSLATION_TABLE, dynamic_shapes=({0: Dim("batch"), 1: Dim("seq")},),
     )
     model = onnx.load(str(path))
@@ -89,7 +94,7 @@ def test_dynamic_onnx_subgraph_is_bit_exact(tmp_path, bits, symmetric):
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in q.attribute}
     assert attrs["axis"] == -1 and attrs["block_size"] == 16  # one block per token
     assert {"ReduceMin", "ReduceMax", "DequantizeLinear"} <= {n.op_type for n in model.graph.node}
-    ref = np_dynamic_fake_quant(x.numpy(), bits, symmetric)
+    ref = np_dynamic_fake_quant(x.numpy(), bits, symmetric, clip)
     for fuse in (False, True):  # onnxruntime's QDQ fusion must not change the numbers
         options = ort.SessionOptions()
         if not fuse:

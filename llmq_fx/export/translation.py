@@ -70,7 +70,7 @@ def quantize_dequantize_onnx(x, scale, zero_point, qmin: int, qmax: int):
     return op.DequantizeLinear(q, scale, zp, axis=-1)
 
 
-def quantize_dequantize_dynamic_onnx(x, bits: int, symmetric: bool):
+def quantize_dequantize_dynamic_onnx(x, bits: int, symmetric: bool, clip_ratio: float = 1.0):
     """Per-token QDQ, as ``torch.ops.llmq.quantize_dequantize_dynamic`` (``qmath.dynamic_fake_quantize``).
 
     The range of each token (last axis) is reduced at run time and turned into a scale and zero
@@ -79,7 +79,8 @@ def quantize_dequantize_dynamic_onnx(x, bits: int, symmetric: bool):
     ``[..., 1]`` scale is a *blocked* QuantizeLinear/DequantizeLinear scale (``axis=-1``,
     ``block_size=channels``: one block per token), which keeps the codes real UINT4/INT4 tensors;
     onnxruntime runs it bit-exact with its QDQ fusion on or off. Symmetric codes have no zero
-    point: ``output_dtype`` names the signed type.
+    point: ``output_dtype`` names the signed type. A ``clip_ratio`` other than 1 multiplies the
+    reduced min and max (float32, as in PyTorch); values beyond saturate in QuantizeLinear.
     """
     qmin, qmax = qmath.integer_range(bits, symmetric)
     elem_type, type_min, type_max = onnx_integer_type(qmin, qmax)
@@ -88,9 +89,15 @@ def quantize_dequantize_dynamic_onnx(x, bits: int, symmetric: bool):
         raise ValueError(f"dynamic activation QDQ needs a static channel count, got shape {x.shape}")
     last_axis = op.Constant(value_ints=[-1])
     zero = op.Constant(value_float=0.0)
+    lo = op.ReduceMin(x, last_axis, keepdims=1)
+    hi = op.ReduceMax(x, last_axis, keepdims=1)
+    if clip_ratio != 1.0:
+        ratio = op.Constant(value_float=float(clip_ratio))
+        lo = op.Mul(lo, ratio)
+        hi = op.Mul(hi, ratio)
     # Widened to contain zero, as minmax_scale_zero_point does: zero stays exactly representable.
-    lo = op.Min(op.ReduceMin(x, last_axis, keepdims=1), zero)
-    hi = op.Max(op.ReduceMax(x, last_axis, keepdims=1), zero)
+    lo = op.Min(lo, zero)
+    hi = op.Max(hi, zero)
     eps = op.Constant(value_float=qmath.SCALE_EPS)
     if symmetric:
         scale = op.Max(op.Div(op.Max(op.Neg(lo), hi), op.Constant(value_float=float(qmax))), eps)

@@ -66,6 +66,7 @@ class GPTQPass(PassBase):
         damp: fraction of the mean Hessian diagonal added to the diagonal.
         block_size: columns per lazy batch update.
         skip: module-path patterns of Linears left in float.
+        clip: search each row's (group's) clipping ratio for its scale (``qmath.weight_scale``).
 
     Example:
         >>> InsertObserversPass(hessian=True)(gm); calibrate(gm, calib_ids); SmoothPass(0.5, ["qkv"])(gm)
@@ -74,8 +75,9 @@ class GPTQPass(PassBase):
     """
 
     def __init__(self, w_bits: int, w_group_size: int | None = None, act_order: bool = True, damp: float = 0.01,
-                 block_size: int = 128, skip: list[str] | None = None):
+                 block_size: int = 128, skip: list[str] | None = None, clip: bool = False):
         super().__init__()
+        self.clip = clip
         self.w_bits = w_bits
         self.w_group_size = w_group_size
         self.act_order = act_order
@@ -124,13 +126,13 @@ class GPTQPass(PassBase):
         t0 = time.perf_counter()
         try:
             qweight, scale = qmath.gptq_quantize_weight(
-                weight, hessian, self.w_bits, self.w_group_size, self.act_order, self.damp, self.block_size
+                weight, hessian, self.w_bits, self.w_group_size, self.act_order, self.damp, self.block_size, self.clip
             )
         except StatisticsError as err:
             raise StatisticsError(f"{path} (input site {site_name}): {err}") from err
         seconds = time.perf_counter() - t0
         with torch.no_grad():
-            rtn = qmath.dequantize_weight(*qmath.quantize_weight(weight, self.w_bits, self.w_group_size))
+            rtn = qmath.dequantize_weight(*qmath.quantize_weight(weight, self.w_bits, self.w_group_size, self.clip))
             record = {
                 "site": site_name,
                 "rtn_error": output_error(weight, rtn, hessian),
@@ -139,6 +141,7 @@ class GPTQPass(PassBase):
                 "w_group_size": self.w_group_size,
                 "act_order": self.act_order,
                 "damp": self.damp,
+                "clip": self.clip,
                 "seconds": seconds,
             }
         insert_weight_dequant(gm, linear, path, qweight, scale, self.w_bits)

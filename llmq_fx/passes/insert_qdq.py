@@ -7,7 +7,8 @@ Rewrite:
   qmin, qmax)`` whose per-channel ``scale``/``zero_point`` buffers hold one value per cluster,
   computed from the cluster's min/max (``qmath.minmax_scale_zero_point``). Skipped consumers read
   the raw producer; with ``a_bits=None`` the observer is simply removed. With ``a_dynamic`` it is
-  ``llmq.quantize_dequantize_dynamic(x, bits, symmetric)`` instead: per-token ranges at run time.
+  ``llmq.quantize_dequantize_dynamic(x, bits, symmetric, clip_ratio)`` instead: per-token ranges at
+  run time. ``a_clip_ratio`` < 1 shrinks every range (static cluster or dynamic token) by that factor.
 * mixed precision (``a_outlier_bits``) -- the ``a_outlier_clusters`` clusters of widest calibrated
   range (``max - min`` over the cluster's channels) are quantized at ``a_outlier_bits``, the rest at
   ``a_bits``. The channels are *split*, not quantized twice and selected::
@@ -28,7 +29,7 @@ Rewrite:
 * weights -- each non-skipped consumer's float weight is replaced by an int8 buffer ``weight_int``
   (values in the ``w_bits`` range) and a ``scale`` buffer on the Linear's module path, read through
   ``llmq.dequantize_weight``; the exporter turns that into an INT4 initializer + DequantizeLinear.
-  The float weight attribute is deleted when nothing else uses it.
+  ``w_clip`` searches each row's (group's) clipping ratio (``qmath.weight_scale``). The float weight attribute is deleted when nothing else uses it.
 """
 
 from __future__ import annotations
@@ -62,8 +63,11 @@ class InsertQDQPass(PassBase):
 
     def __init__(self, w_bits: int | None, a_bits: int | None, w_group_size: int | None = None,
                  a_symmetric: bool = False, skip: list[str] | None = None, a_dynamic: bool = False,
-                 a_outlier_bits: int | None = None, a_outlier_clusters: int = 1):
+                 a_outlier_bits: int | None = None, a_outlier_clusters: int = 1, a_clip_ratio: float = 1.0,
+                 w_clip: bool = False):
         super().__init__()
+        self.a_clip_ratio = float(a_clip_ratio)
+        self.w_clip = w_clip
         self.w_bits = w_bits
         self.a_bits = a_bits
         self.w_group_size = w_group_size
@@ -124,6 +128,8 @@ class InsertQDQPass(PassBase):
         st = site.module.stats()
         labels = getattr(site.module, "labels", torch.zeros(st.num_channels, dtype=torch.long, device=st.min.device))
         cmin, cmax = cluster_ranges(st.min, st.max, labels)
+        if self.a_clip_ratio != 1.0:
+            cmin, cmax = cmin * self.a_clip_ratio, cmax * self.a_clip_ratio
         base = site.observer.target.replace("llmq_observer_", "llmq_act_")
         set_attr(gm, f"{base}_permutation", getattr(site.module, "permutation", torch.arange(st.num_channels)))
         outlier = self._outlier_mask(cmin, cmax, labels)
@@ -196,7 +202,7 @@ class InsertQDQPass(PassBase):
     def _dynamic_qdq(self, gm: fx.GraphModule, site) -> fx.Node:
         with gm.graph.inserting_after(site.observer):
             qdq = gm.graph.call_function(
-                torch.ops.llmq.quantize_dequantize_dynamic.default, (site.producer, self.a_bits, self.a_symmetric)
+                torch.ops.llmq.quantize_dequantize_dynamic.default, (site.producer, self.a_bits, self.a_symmetric, self.a_clip_ratio)
             )
         qdq.meta["llmq_site"] = dict(
             site.observer.meta.get("llmq_site", {}), a_bits=self.a_bits, dynamic=True, a_effective_bits=float(self.a_bits)
@@ -215,7 +221,7 @@ class InsertQDQPass(PassBase):
             raise ConfigError(
                 f"config key 'w_group_size'={self.w_group_size} does not divide in_features={weight.shape[1]} of {path}"
             )
-        qweight, scale = qmath.quantize_weight(weight, self.w_bits, self.w_group_size)
+        qweight, scale = qmath.quantize_weight(weight, self.w_bits, self.w_group_size, self.w_clip)
         insert_weight_dequant(gm, linear, path, qweight, scale, self.w_bits)
 
 
