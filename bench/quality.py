@@ -66,7 +66,7 @@ _VERSIONED = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime", "sci
 _PLAIN = dict(
     w_bits=4, a_bits=4, w_group_size=None, a_symmetric=False, a_dynamic=False, smooth_alpha=None,
     smooth_sites=["qkv", "fc1"], n_clusters=1, cluster_features="minmax", a_outlier_bits=None,
-    rotate=False, gptq=False, skip=["lm_head"],
+    rotate=False, gptq=False, w_clip=False, a_clip_ratio=1.0, a_group_size=None, skip=["lm_head"],
 )
 
 # RPTQ4LLM (hahnyuan/RPTQ4LLM, commit 5d7a014, main.py lines 196-200): --R1_clusters 32, --R2_clusters 4,
@@ -103,14 +103,14 @@ RECIPES: dict[str, dict] = {
     },
     "RPTQ-style": {
         "description": (
-            "k-means on per-channel (min, max), one static scale per cluster, no smoothing, W4 per-channel RTN; "
-            "clusters per site = RPTQ4LLM defaults (main.py L196-200 at 5d7a014: R1 32 -> qkv, R3 4 -> out_proj, "
-            "R4 32 -> fc1, R5 32 -> fc2; R2 reorders Q/K for QK^T, not quantized here). Unlike RPTQ4LLM: RTN not "
-            "GPTQ weights (--w_quantizer gptq, L202-204), symmetric weights, min/max not EMA ranges, and A4 at "
-            "qkv/fc1 where RPTQ4LLM quantizes LayerNorm outputs at max(8, abits) bits (L307-308)"
+            "k-means on per-channel (min, max), one static scale per cluster, no smoothing, W4 per-channel GPTQ "
+            "(act-order) as RPTQ4LLM's --w_quantizer gptq (L202-204); clusters per site = RPTQ4LLM defaults "
+            "(main.py L196-200 at 5d7a014: R1 32 -> qkv, R3 4 -> out_proj, R4 32 -> fc1, R5 32 -> fc2; R2 reorders "
+            "Q/K for QK^T, not quantized here). Unlike RPTQ4LLM: symmetric weights, min/max not EMA ranges, and A4 "
+            "at qkv/fc1 where RPTQ4LLM quantizes LayerNorm outputs at max(8, abits) bits (L307-308)"
         ),
         "citation": "Yuan et al. 2023, RPTQ, arXiv:2304.01089 (hahnyuan/RPTQ4LLM)",
-        "config": {**_PLAIN, "n_clusters": dict(RPTQ_CLUSTERS), "cluster_features": "minmax"},
+        "config": {**_PLAIN, "n_clusters": dict(RPTQ_CLUSTERS), "cluster_features": "minmax", "gptq": True},
     },
     "ours": {
         "description": "the project default recipe: QuantConfig() as resolved when this run started",
@@ -163,11 +163,12 @@ def config_short(cfg: dict | None) -> str:
     if cfg is None:
         return "float"
     w = "float" if cfg["w_bits"] is None else f"W{cfg['w_bits']} " + (
-        "per-channel" if cfg.get("w_group_size") is None else f"group {cfg['w_group_size']}") + (" GPTQ" if cfg.get("gptq") else " RTN")
+        "per-channel" if cfg.get("w_group_size") is None else f"group {cfg['w_group_size']}") + (
+        " GPTQ" if cfg.get("gptq") else " RTN") + (" clip-search" if cfg.get("w_clip") else "")
     if cfg["a_bits"] is None:
         a = "A16"
     elif cfg.get("a_dynamic"):
-        a = f"A{cfg['a_bits']} per-token dynamic"
+        a = f"A{cfg['a_bits']} per-token dynamic" + (f" in groups of {cfg['a_group_size']}" if cfg.get("a_group_size") else "")
     else:
         nc = cfg["n_clusters"]
         clusters = "per-tensor" if nc == 1 else (f"{nc} clusters" if isinstance(nc, int) else "clusters " + ", ".join(f"{k} {v}" for k, v in nc.items()))
@@ -175,9 +176,12 @@ def config_short(cfg: dict | None) -> str:
         if cfg.get("a_outlier_bits") is not None:
             a += f", {cfg.get('a_outlier_clusters')} outlier cluster(s) at {cfg['a_outlier_bits']} bits"
     a += ", symmetric" if cfg.get("a_symmetric") and cfg["a_bits"] is not None else ""
+    if cfg["a_bits"] is not None and cfg.get("a_clip_ratio", 1.0) != 1.0:
+        a += f", ranges clipped to {cfg['a_clip_ratio']}"
     s = "no smoothing" if cfg.get("smooth_alpha") is None or not cfg.get("smooth_sites") else (
         f"smooth alpha {cfg['smooth_alpha']} at {'/'.join(cfg['smooth_sites'])}")
-    parts = [w, a, s] + (["Hadamard rotation"] if cfg.get("rotate") else [])
+    rotation = {True: ["Hadamard rotation"], "auto": ["Hadamard rotation (where the graph allows)"]}.get(cfg.get("rotate"), [])
+    parts = [w, a, s] + rotation
     return "; ".join(parts) + f"; float: {', '.join(cfg.get('skip') or []) or 'none'}"
 
 
@@ -404,7 +408,7 @@ def markdown(report: dict) -> str:
         hw = f"{m['gpu']} ({m['gpu_memory_gib']} GiB, CUDA {m['cuda']}); host {hw}"
     s = report["setup"]
     lines = [
-        "## Quality against the reference methods", "",
+        f"## {report.get('title', 'Quality against the reference methods')}", "",
         f"Written by `bench/quality.py` on {report['date']}" + (" — **incomplete run** (interrupted or still running)" if not report["complete"] else "") + ":", "",
         f"    {report['command']}", "",
         f"- Machine: {hw}; PyTorch side on `{m['device']}`, onnxruntime on the CPU (QDQ run as written, no fusion).",
@@ -447,15 +451,17 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def splice_results_md(path: Path, block: str, title: str = "# llmq_fx benchmark results") -> None:
-    """Put ``block`` between the quality markers of ``path`` (appended if absent; the file created if missing)."""
-    section = f"{BEGIN}\n{block.rstrip()}\n{END}"
+def splice_results_md(path: Path, block: str, title: str = "# llmq_fx benchmark results", section: str = "quality") -> None:
+    """Put ``block`` between the ``<!-- {section}:begin/end -->`` markers of ``path`` (appended if
+    absent; the file created if missing), so several runs (quality, ablation) share one file."""
+    begin, end = f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
+    block = f"{begin}\n{block.rstrip()}\n{end}"
     text = path.read_text() if path.is_file() else f"{title}\n"
-    start, end = text.find(BEGIN), text.find(END)
-    if start != -1 and end > start:
-        text = text[:start] + section + text[end + len(END):]
+    i, j = text.find(begin), text.find(end)
+    if i != -1 and j > i:
+        text = text[:i] + block + text[j + len(end):]
     else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
     _write_atomic(path, text)
 
 
@@ -476,7 +482,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ort", action="store_true", help="skip the ONNX export and the onnxruntime perplexity")
     p.add_argument("--fail-fast", action="store_true", help="stop at the first failing row instead of recording it")
     p.add_argument("--out", type=Path, default=BENCH / "results" / "quality", help="output path without suffix (.json, .md)")
-    p.add_argument("--results-md", type=Path, default=BENCH / "RESULTS.md", help="Markdown file whose quality section is replaced")
+    p.add_argument("--results-md", type=Path, default=BENCH / "RESULTS.md", help="Markdown file whose section is replaced")
+    p.add_argument("--section", default="quality", help="name of that section's markers (<!-- NAME:begin -->), e.g. ablation")
+    p.add_argument("--title", default="Quality against the reference methods", help="heading of the section")
     return p
 
 
@@ -509,6 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     json_path, md_path = args.out.with_name(args.out.name + ".json"), args.out.with_name(args.out.name + ".md")
     report = {
         "command": "python bench/quality.py " + " ".join(shlex.quote(a) for a in argv),
+        "title": args.title,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(device),
         "setup": {"seq_len": args.seq_len, "calib_samples": args.calib_samples, "eval_windows": args.eval_windows,
@@ -524,8 +533,8 @@ def main(argv: list[str] | None = None) -> int:
     def save() -> None:
         _write_atomic(json_path, json.dumps(report, indent=2, default=str))
         block = markdown(report)
-        _write_atomic(md_path, "# llmq_fx quality against the reference methods\n\n" + block.split("\n", 2)[2])
-        splice_results_md(args.results_md, block)
+        _write_atomic(md_path, f"# llmq_fx: {args.title[0].lower() + args.title[1:]}\n\n" + block.split("\n", 2)[2])
+        splice_results_md(args.results_md, block, section=args.section)
 
     done: list[dict] = []
     for name in args.models:

@@ -44,6 +44,12 @@ def _cmd_quantize(args) -> int:
     from llmq_fx.models import load_model
 
     config = llmq_fx.QuantConfig.from_file(args.config) if args.config else llmq_fx.QuantConfig()
+    if args.cluster_sweep and (config.a_dynamic or config.a_bits is None):
+        raise llmq_fx.ConfigError(
+            "--cluster-sweep varies n_clusters of static activations, but the config has "
+            + ("a_bits: null" if config.a_bits is None else "a_dynamic: true (per-token ranges, no clusters)")
+            + "; pass --config with a_dynamic: false"
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}

@@ -38,6 +38,8 @@ class QuantConfig:
             norm, ``fc2`` into fc1's output rows (ReLU), ``out_proj`` into v_proj's output rows.
         n_clusters: activation clusters per site, an int or a dict by role (1 = per tensor).
         cluster_features: ``minmax`` (RPTQ) or ``maxstd`` (absmax, std) k-means features.
+        a_group_size: with ``a_dynamic``, channels per dynamic range: each token is split into groups of
+            that many consecutive channels, each with its own scale/zero point; None = one per token.
         a_clip_ratio: factor in (0, 1] applied to every activation range (static cluster min/max or
             dynamic per-token min/max) before its scale is computed; values beyond saturate.
         w_clip: search each weight row's (group's) clipping ratio minimizing its rounding error
@@ -45,7 +47,9 @@ class QuantConfig:
         a_outlier_bits: bits of the outlier clusters (mixed precision), or None for all at ``a_bits``.
         a_outlier_clusters: how many clusters (widest range first) get ``a_outlier_bits``.
         rotate: fuse a seeded random Hadamard rotation of the residual stream (QuaRot) into the
-            weights, with online Hadamard nodes before fc2/down_proj (``RotatePass``).
+            weights, with online Hadamard nodes before fc2/down_proj (``RotatePass``). ``"auto"``
+            rotates where the graph allows it (pre-norm blocks) and otherwise goes on unrotated
+            with a warning (OPT-350m's post-LayerNorm); ``true`` makes that an error.
         gptq: GPTQ weight quantization (error compensation with the calibration Hessian) instead of
             round-to-nearest; ``gptq_act_order``, ``gptq_damp`` (fraction of the mean Hessian
             diagonal added) and ``gptq_block_size`` (columns per lazy batch) as in the GPTQ paper.
@@ -58,17 +62,18 @@ class QuantConfig:
     a_bits: int | None = 4
     w_group_size: int | None = None
     a_symmetric: bool = False
-    a_dynamic: bool = False
-    smooth_alpha: float | None = 0.5
+    a_dynamic: bool = True
+    smooth_alpha: float | None = None
     smooth_sites: list[str] = field(default_factory=lambda: ["qkv", "fc1", "fc2", "out_proj"])
     n_clusters: int | dict[str, int] = 8
     cluster_features: str = "minmax"
-    a_clip_ratio: float = 1.0
-    w_clip: bool = False
+    a_group_size: int | None = None
+    a_clip_ratio: float = 0.9
+    w_clip: bool = True
     a_outlier_bits: int | None = None
     a_outlier_clusters: int = 1
-    rotate: bool = False
-    gptq: bool = False
+    rotate: bool | str = "auto"
+    gptq: bool = True
     gptq_act_order: bool = True
     gptq_damp: float = 0.01
     gptq_block_size: int = 128
@@ -107,10 +112,20 @@ class QuantConfig:
             raise ConfigError(f"config key 'cluster_features' must be one of {_FEATURES}, got {self.cluster_features!r}")
         if not isinstance(self.skip, (list, tuple)) or not all(isinstance(p, str) for p in self.skip):
             raise ConfigError(f"config key 'skip' must be a list of module-name patterns, got {self.skip!r}")
+        ag = self.a_group_size
+        if ag is not None and (not isinstance(ag, int) or isinstance(ag, bool) or ag < 1):
+            raise ConfigError(f"config key 'a_group_size' must be a positive integer or null, got {ag!r}")
+        if ag is not None and not self.a_dynamic:
+            raise ConfigError(
+                "config key 'a_group_size' needs 'a_dynamic': true (static activations are grouped by "
+                "'n_clusters' instead)"
+            )
         c = self.a_clip_ratio
         if not isinstance(c, (int, float)) or isinstance(c, bool) or not 0 < c <= 1:
             raise ConfigError(f"config key 'a_clip_ratio' must be in (0, 1], got {c!r}")
-        for key in ("a_symmetric", "a_dynamic", "rotate", "gptq", "gptq_act_order", "w_clip"):
+        if not (isinstance(self.rotate, bool) or self.rotate == "auto"):
+            raise ConfigError(f"config key 'rotate' must be true, false or \"auto\", got {self.rotate!r}")
+        for key in ("a_symmetric", "a_dynamic", "gptq", "gptq_act_order", "w_clip"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"config key {key!r} must be true or false, got {getattr(self, key)!r}")
         d = self.gptq_damp

@@ -27,13 +27,16 @@ def _(x, scale, zero_point, qmin, qmax):
 
 
 @torch.library.custom_op("llmq::quantize_dequantize_dynamic", mutates_args=())
-def quantize_dequantize_dynamic(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float = 1.0) -> torch.Tensor:
-    """Dynamic per-token activation QDQ: scale/zero point from each token's own min/max (times ``clip_ratio``)."""
-    return qmath.dynamic_fake_quantize(x, bits, symmetric, clip_ratio)
+def quantize_dequantize_dynamic(
+    x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float = 1.0, group_size: int = 0
+) -> torch.Tensor:
+    """Dynamic activation QDQ: scale/zero point from each token's own min/max (times ``clip_ratio``),
+    per token or per ``group_size`` consecutive channels of a token."""
+    return qmath.dynamic_fake_quantize(x, bits, symmetric, clip_ratio, group_size)
 
 
 @quantize_dequantize_dynamic.register_fake
-def _(x, bits, symmetric, clip_ratio=1.0):
+def _(x, bits, symmetric, clip_ratio=1.0, group_size=0):
     return torch.empty_like(x)
 
 

@@ -102,14 +102,24 @@ def fake_quantize(
     return ((q - z) * s).to(x.dtype)
 
 
-def dynamic_fake_quantize(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float = 1.0) -> torch.Tensor:
+def dynamic_fake_quantize(
+    x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float = 1.0, group_size: int = 0
+) -> torch.Tensor:
     """Per-token dynamic QDQ: every row (last axis = channels) gets its own range at run time.
 
     Same formulas as the static path (``minmax_scale_zero_point`` then ``fake_quantize``), with the
     range taken from the token itself, as QuaRot / per-token W4A4 schemes do. ``clip_ratio`` < 1
     shrinks each token's min and max by that factor before the scale is computed (QuaRot's
     activation clipping, 0.9 there): the few values beyond saturate, the rest get a finer step.
+    ``group_size`` > 0 splits each token into groups of that many consecutive channels, each with
+    its own range (fine-grained activation groups, as Atom does); 0 is one range per token.
     """
+    if group_size:
+        channels = x.shape[-1]
+        if channels % group_size:
+            raise ValueError(f"activation group size {group_size} does not divide {channels} channels")
+        grouped = x.reshape(*x.shape[:-1], channels // group_size, group_size)
+        return dynamic_fake_quantize(grouped, bits, symmetric, clip_ratio).reshape(x.shape)
     qmin, qmax = integer_range(bits, symmetric)
     xf = x.to(torch.float32)
     lo = xf.amin(dim=-1, keepdim=True)

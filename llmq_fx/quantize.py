@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from llmq_fx.calibrate import calibrate
 from llmq_fx.config import QuantConfig
+from llmq_fx.errors import UnsupportedModelError
 from llmq_fx.passes import GroupChannelsPass, InsertObserversPass, InsertQDQPass, SmoothPass
 
 __all__ = ["quantize"]
@@ -31,7 +32,9 @@ def quantize(
     Args:
         gm: the output of ``llmq_fx.trace``.
         calib: calibration token ids, a LongTensor ``[N, T]`` or an iterable of LongTensors.
-        config: a ``QuantConfig`` (or dict); default W4A4, alpha 0.5, 8 clusters, lm_head float.
+        config: a ``QuantConfig`` (or dict); default W4A4: rotation (where the graph allows it),
+            GPTQ weights per output channel with clipping search, per-token dynamic activations
+            clipped at 0.9, lm_head float.
 
     Returns:
         The rewritten GraphModule. ``qgm.meta["llmq_fx"]`` holds the config, per-Linear summary,
@@ -46,16 +49,31 @@ def quantize(
     elif isinstance(config, dict):
         config = QuantConfig.from_dict(config)
     qgm = copy.deepcopy(gm)
-    meta = qgm.meta.setdefault("llmq_fx", {})
-    meta["config"] = config.to_dict()
-    timings = meta.setdefault("timings_s", {})
-
-    w_gptq = config.gptq and config.w_bits is not None
-    stages = []
+    t0 = time.perf_counter()
+    rotation_skipped = None
     if config.rotate:
         from llmq_fx.passes.rotate import RotatePass
 
-        stages.append(("rotate", lambda: RotatePass(seed=config.seed)(qgm)))
+        try:
+            RotatePass(seed=config.seed)(qgm)
+        except UnsupportedModelError as err:
+            if config.rotate is True:
+                raise
+            # "auto": the pass may have rewritten part of the graph before it met the unsupported
+            # pattern; start again from the untouched input.
+            rotation_skipped = str(err)
+            logger.warning("rotate=auto: not rotating (%s)", err)
+            qgm = copy.deepcopy(gm)
+    rotate_s = time.perf_counter() - t0
+    meta = qgm.meta.setdefault("llmq_fx", {})
+    meta["config"] = config.to_dict()
+    timings = meta.setdefault("timings_s", {})
+    if config.rotate:
+        timings["rotate"] = rotate_s
+        meta["rotation_skipped"] = rotation_skipped
+
+    w_gptq = config.gptq and config.w_bits is not None
+    stages = []
     stages.append(("observe", lambda: InsertObserversPass(hessian=w_gptq)(qgm)))
     stages.append(("calibrate", lambda: meta.__setitem__("calib_tokens", calibrate(qgm, calib, config.calib_batch_size, progress))))
     if config.smooth_alpha is not None and config.smooth_sites:
@@ -72,6 +90,7 @@ def quantize(
     stages.append(("quantize", lambda: InsertQDQPass(
         config.w_bits, config.a_bits, config.w_group_size, config.a_symmetric, config.skip, config.a_dynamic,
         config.a_outlier_bits, config.a_outlier_clusters, config.a_clip_ratio, config.w_clip,
+        config.a_group_size,
     )(qgm)))
 
     bar = tqdm(stages, desc="llmq_fx", unit="stage", disable=not progress)

@@ -61,3 +61,14 @@ def calib():
 @pytest.fixture(scope="session")
 def eval_ids():
     return torch.randint(0, VOCAB, (3, 20), generator=torch.Generator().manual_seed(3))
+
+
+# The static RPTQ-style pipeline (SmoothQuant alpha 0.5, k-means clusters, round-to-nearest
+# weights, no rotation, no clipping): the default before rotation/GPTQ/dynamic activations became
+# the project default. Tests of smoothing, clustering and static QDQ pin it so that they keep
+# testing that path whatever QuantConfig() defaults to; keys given override it.
+STATIC = dict(rotate=False, a_dynamic=False, a_clip_ratio=1.0, gptq=False, w_clip=False, smooth_alpha=0.5, n_clusters=8)
+
+
+def static_config(**overrides) -> llmq_fx.QuantConfig:
+    return llmq_fx.QuantConfig(**{**STATIC, **overrides})

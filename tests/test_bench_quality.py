@@ -22,7 +22,8 @@ def test_every_recipe_is_a_valid_config_and_ours_is_the_default():
         if name == "ours":
             assert cfg == QuantConfig().to_dict()
         else:  # baselines do not inherit methods from the project default
-            assert cfg["rotate"] is False and cfg["gptq"] is False and cfg["a_dynamic"] is False, name
+            assert cfg["rotate"] is False and cfg["a_dynamic"] is False and cfg["w_clip"] is False, name
+            assert cfg["a_clip_ratio"] == 1.0 and cfg["gptq"] is (name == "RPTQ-style"), name  # RPTQ4LLM uses GPTQ
     rptq = quality.resolve_recipe(quality.RECIPES["RPTQ-style"])
     assert set(rptq.n_clusters) <= set(SITE_ROLES) and rptq.smooth_alpha is None and rptq.cluster_features == "minmax"
     assert quality.resolve_recipe(quality.RECIPES["RTN"]).n_clusters == 1

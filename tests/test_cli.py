@@ -16,7 +16,7 @@ def test_quantize_writes_report_and_graph_then_inspect(tmp_path, capsys):
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     assert report["config"]["w_bits"] == 4 and report["calibration"]["tokens"] == 4 * 64
-    assert {"observe", "calibrate", "smooth", "group", "quantize", "trace"} <= set(report["timings_s"])
+    assert {"rotate", "observe", "calibrate", "gptq", "quantize", "trace"} <= set(report["timings_s"])  # the default recipe
     assert report["peak_rss_mb"] > 0
     assert report["eval"]["float"]["tokens"] == 2 * 63
     assert report["eval"]["quantized"]["ppl"] > 1
@@ -34,6 +34,8 @@ def test_quantize_writes_report_and_graph_then_inspect(tmp_path, capsys):
         (["quantize", "--model", "opt-tiny-random", "--calib", "/no/such.txt", "--out", "{tmp}/o"], "text file not found: /no/such.txt"),
         (["quantize", "--model", "{tmp}/t5", "--out", "{tmp}/o"], "not a causal language model"),
         (["quantize", "--model", "opt-tiny-random", "--config", "{tmp}/bad.yaml", "--out", "{tmp}/o"], "unknown config key 'n_cluster'"),
+        (["quantize", "--model", "opt-tiny-random", "--out", "{tmp}/o", "--eval", "eval", "--cluster-sweep", "1", "4"],
+         "--cluster-sweep varies n_clusters of static activations, but the config has a_dynamic: true"),
         (["inspect", "{tmp}/nothing"], "no report.json"),
         (["eval", "--onnx", "{tmp}/missing.onnx"], "ONNX model not found"),
     ],

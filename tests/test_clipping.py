@@ -14,6 +14,7 @@ import llmq_fx
 from llmq_fx import qmath
 from llmq_fx.errors import ConfigError
 from llmq_fx.export import OnnxCausalLM, to_onnx
+from conftest import static_config
 
 GRID = [1.0 - 0.02 * i for i in range(25)]
 
@@ -68,8 +69,8 @@ def test_gptq_with_clip_uses_clipped_scales():
 
 
 def test_static_clip_shrinks_every_cluster_range(opt_gm, calib):
-    base = llmq_fx.quantize(opt_gm, calib, llmq_fx.QuantConfig(n_clusters=4), progress=False)
-    clipped = llmq_fx.quantize(opt_gm, calib, llmq_fx.QuantConfig(n_clusters=4, a_clip_ratio=0.8), progress=False)
+    base = llmq_fx.quantize(opt_gm, calib, static_config(n_clusters=4), progress=False)
+    clipped = llmq_fx.quantize(opt_gm, calib, static_config(n_clusters=4, a_clip_ratio=0.8), progress=False)
     scales = {n: b for n, b in base.named_buffers() if n.endswith("_scale") and "llmq_act_" in n}
     assert scales
     for name, s in scales.items():

@@ -18,6 +18,7 @@ from llmq_fx.errors import ConfigError
 from llmq_fx.export import OnnxCausalLM, onnx_qdq_report, to_onnx
 from llmq_fx.export.translation import TRANSLATION_TABLE
 from llmq_fx.passes import InsertQDQPass
+from conftest import STATIC, static_config
 
 QDQ = torch.ops.llmq.quantize_dequantize.default
 QDQ_DYNAMIC = torch.ops.llmq.quantize_dequantize_dynamic.default
@@ -108,8 +109,8 @@ def test_dynamic_onnx_subgraph_is_bit_exact(tmp_path, bits, symmetric, clip):
 @pytest.fixture(scope="module")
 def quantized(opt_gm, calib):
     configs = {
-        "dynamic": dict(a_dynamic=True),
-        "mixed": dict(n_clusters=4, a_outlier_bits=8),
+        "dynamic": dict(STATIC, a_dynamic=True),
+        "mixed": dict(STATIC, n_clusters=4, a_outlier_bits=8),
     }
     return {k: llmq_fx.quantize(opt_gm, calib, llmq_fx.QuantConfig(**v), progress=False) for k, v in configs.items()}
 
@@ -201,21 +202,21 @@ def test_mixed_precision_error_is_lower_than_all_4_bit(opt_gm, opt_model, calib,
         ref = opt_model(eval_ids).logits
         err = {}
         for k, cfg in configs.items():
-            qgm = llmq_fx.quantize(opt_gm, calib, llmq_fx.QuantConfig(**cfg), progress=False)
+            qgm = llmq_fx.quantize(opt_gm, calib, static_config(**cfg), progress=False)
             err[k] = float(((qgm(eval_ids) - ref) ** 2).mean())
     print(f"\nlogit MSE vs float: all 4-bit {err['a4']:.4g}, mixed {err['mixed']:.4g}")
     assert err["mixed"] < 0.8 * err["a4"], err
 
 
 def test_one_cluster_has_nothing_to_promote(opt_gm, calib):
-    qgm = llmq_fx.quantize(opt_gm, calib, llmq_fx.QuantConfig(n_clusters=1, a_outlier_bits=8), progress=False)
+    qgm = llmq_fx.quantize(opt_gm, calib, static_config(n_clusters=1, a_outlier_bits=8), progress=False)
     assert len([n for n in qgm.graph.nodes if n.target is QDQ]) == N_SITES
     assert not _outlier_qdq_nodes(qgm)
     assert qgm.meta["llmq_fx"]["a_effective_bits"] == 4.0
 
 
 def test_outlier_clusters_are_capped_below_all_clusters(opt_gm, calib):
-    cfg = llmq_fx.QuantConfig(n_clusters=4, a_outlier_bits=8, a_outlier_clusters=10)
+    cfg = static_config(n_clusters=4, a_outlier_bits=8, a_outlier_clusters=10)
     qgm = llmq_fx.quantize(opt_gm, calib, cfg, progress=False)
     for node in _outlier_qdq_nodes(qgm):
         labels = qgm.meta["llmq_fx"]["site_stats"][node.meta["llmq_site"]["name"]]["labels"]
@@ -252,3 +253,50 @@ def test_config_errors(config, match):
 def test_pass_refuses_dynamic_mixed_precision():
     with pytest.raises(ConfigError, match="a_dynamic"):
         InsertQDQPass(4, 4, a_dynamic=True, a_outlier_bits=8)
+
+
+# ---- grouped dynamic activations (a_group_size) ---------------------------------------------
+@pytest.mark.parametrize("bits, symmetric, clip", [(4, False, 1.0), (4, True, 0.9), (3, False, 0.8)])
+def test_grouped_dynamic_is_per_row_reference_on_each_group(tmp_path, bits, symmetric, clip):
+    x = _activations()
+    g = 4
+    ref = np_dynamic_fake_quant(x.numpy().reshape(4, 6, 16 // g, g), bits, symmetric, clip).reshape(x.shape)
+    got = torch.ops.llmq.quantize_dequantize_dynamic(x, bits, symmetric, clip, g)
+    np.testing.assert_array_equal(got.numpy(), ref)
+
+    class Grouped(torch.nn.Module):
+        def forward(self, x):
+            return QDQ_DYNAMIC(x, bits, symmetric, clip, g)
+
+    path = tmp_path / "grouped.onnx"
+    torch.onnx.export(Grouped().eval(), (x,), path, dynamo=True, opset_version=21,
+                      custom_translation_table=TRANSLATION_TABLE, dynamic_shapes=({0: Dim("batch"), 1: Dim("seq")},))
+    (q,) = [n for n in onnx.load(str(path)).graph.node if n.op_type == "QuantizeLinear"]
+    assert {a.name: onnx.helper.get_attribute_value(a) for a in q.attribute}["block_size"] == g
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    other = _activations(seed=5)[:3, :4]  # other batch and length than the export example
+    (out,) = session.run(None, {session.get_inputs()[0].name: other.numpy()})
+    np.testing.assert_array_equal(out, np_dynamic_fake_quant(other.numpy().reshape(3, 4, 16 // g, g), bits, symmetric, clip).reshape(other.shape))
+
+
+def test_grouped_dynamic_model_exports_and_matches_pytorch(opt_gm, calib, eval_ids, tmp_path):
+    qgm = llmq_fx.quantize(opt_gm, calib, llmq_fx.QuantConfig(a_dynamic=True, a_group_size=16), progress=False)
+    nodes = [n for n in qgm.graph.nodes if n.target == QDQ_DYNAMIC]
+    assert len(nodes) == N_SITES and all(n.args[4] == 16 for n in nodes)
+    path = to_onnx(qgm, tmp_path / "grouped.onnx")
+    _assert_ort_matches(path, qgm, eval_ids)
+    # Finer ranges than one per token: the logits move less from the float graph's.
+    per_token = llmq_fx.quantize(opt_gm, calib, llmq_fx.QuantConfig(a_dynamic=True, w_bits=None), progress=False)
+    grouped = llmq_fx.quantize(opt_gm, calib, llmq_fx.QuantConfig(a_dynamic=True, a_group_size=8, w_bits=None), progress=False)
+    with torch.no_grad():
+        ref = opt_gm(eval_ids)
+        assert (grouped(eval_ids) - ref).pow(2).mean() < (per_token(eval_ids) - ref).pow(2).mean()
+
+
+def test_group_size_errors(opt_gm, calib):
+    with pytest.raises(ConfigError, match="a_group_size.*a_dynamic"):
+        llmq_fx.QuantConfig(a_dynamic=False, a_group_size=16)
+    with pytest.raises(ConfigError, match="a_group_size"):
+        llmq_fx.QuantConfig(a_dynamic=True, a_group_size=0)
+    with pytest.raises(ConfigError, match=r"a_group_size'=12 does not divide the 32 input channels"):
+        llmq_fx.quantize(opt_gm, calib, llmq_fx.QuantConfig(a_dynamic=True, a_group_size=12), progress=False)

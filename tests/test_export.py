@@ -22,6 +22,7 @@ from transformers import OPTConfig, OPTForCausalLM
 import llmq_fx
 from llmq_fx.errors import ExportError
 from llmq_fx.export import OnnxCausalLM, onnx_qdq_report, to_onnx
+from conftest import static_config
 
 N_LAYERS = 2
 VOCAB = 128
@@ -41,7 +42,7 @@ def tiny(tmp_path_factory):
     model = OPTForCausalLM(cfg).eval()
     gm = llmq_fx.trace(model)
     calib = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(1))
-    qgm = llmq_fx.quantize(gm, calib, llmq_fx.QuantConfig(n_clusters=4), progress=False)
+    qgm = llmq_fx.quantize(gm, calib, static_config(n_clusters=4), progress=False)
     folder = tmp_path_factory.mktemp("onnx")
     t0 = time.perf_counter()
     q_path = to_onnx(qgm, folder / "w4a4.onnx")
@@ -179,7 +180,7 @@ def test_model_interface(tiny):
 
 
 def test_grouped_weights_export_with_block_size(tiny, tmp_path):
-    qgm = llmq_fx.quantize(tiny["gm"], tiny["calib"], llmq_fx.QuantConfig(n_clusters=4, w_group_size=32), progress=False)
+    qgm = llmq_fx.quantize(tiny["gm"], tiny["calib"], static_config(n_clusters=4, w_group_size=32), progress=False)
     path = to_onnx(qgm, tmp_path / "g32.onnx")
     model = onnx.load(str(path))
     initializers = {t.name: t for t in model.graph.initializer}
@@ -208,7 +209,7 @@ def test_grouped_weights_export_with_block_size(tiny, tmp_path):
     ],
 )
 def test_other_bit_widths_map_to_narrowest_type(tiny, tmp_path, config, act_type, weight_type):
-    qgm = llmq_fx.quantize(tiny["gm"], tiny["calib"], llmq_fx.QuantConfig(n_clusters=4, **config), progress=False)
+    qgm = llmq_fx.quantize(tiny["gm"], tiny["calib"], static_config(n_clusters=4, **config), progress=False)
     path = to_onnx(qgm, tmp_path / "m.onnx")
     report = onnx_qdq_report(path)
     n_sites, n_linears = N_LAYERS * ACT_SITES_PER_LAYER, N_LAYERS * LINEARS_PER_LAYER

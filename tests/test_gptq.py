@@ -14,6 +14,7 @@ from llmq_fx.calibrate import calibrate
 from llmq_fx.graph import linear_nodes, module_path, observer_sites
 from llmq_fx.passes import GPTQPass, InsertObserversPass
 from llmq_fx.stats import ActivationObserver
+from conftest import static_config
 
 DEQ_W = torch.ops.llmq.dequantize_weight.default
 LAYOUTS = [(None, False), (None, True), (8, False), (8, True)]  # (group size, act order)
@@ -177,8 +178,8 @@ def _logits_mse(qgm, ref_gm, ids):
 @pytest.mark.parametrize("group_size, act_order", [(None, True), (16, False)])
 def test_quantize_with_gptq_beats_round_to_nearest(opt_gm, calib, eval_ids, group_size, act_order):
     base = dict(w_bits=4, a_bits=None, w_group_size=group_size)  # weight-only: the comparison is about weights
-    rtn = llmq_fx.quantize(opt_gm, calib, llmq_fx.QuantConfig(**base), progress=False)
-    qgm = llmq_fx.quantize(opt_gm, calib, llmq_fx.QuantConfig(gptq=True, gptq_act_order=act_order, **base), progress=False)
+    rtn = llmq_fx.quantize(opt_gm, calib, static_config(**base), progress=False)
+    qgm = llmq_fx.quantize(opt_gm, calib, static_config(gptq=True, gptq_act_order=act_order, **base), progress=False)
     records = qgm.meta["llmq_fx"]["gptq"]
     for lin in linear_nodes(qgm.graph):
         path, w = module_path(lin), lin.args[1]
@@ -194,7 +195,7 @@ def test_quantize_with_gptq_beats_round_to_nearest(opt_gm, calib, eval_ids, grou
 
 
 def test_gptq_with_w4a4_keeps_activation_qdq(opt_gm, calib):
-    qgm = llmq_fx.quantize(opt_gm, calib, llmq_fx.QuantConfig(gptq=True, n_clusters=4), progress=False)
+    qgm = llmq_fx.quantize(opt_gm, calib, static_config(gptq=True, n_clusters=4), progress=False)
     rows = {r["module"]: r for r in llmq_fx.summary(qgm)}
     assert rows["model.decoder.layers.1.fc2"]["w_bits"] == 4 and rows["model.decoder.layers.1.fc2"]["a_bits"] == 4
     assert "model.decoder.layers.1.fc2" in qgm.meta["llmq_fx"]["gptq"]

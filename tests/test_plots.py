@@ -14,6 +14,8 @@ from llmq_fx.cli import main
 from llmq_fx.errors import CheckpointError, LlmqError
 from llmq_fx.plots import default_site, load_site_stats, write_plots
 
+from conftest import STATIC
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PLOTS = ("channel_ranges.png", "clusters.png", "ppl_vs_clusters.png")
 
@@ -22,7 +24,10 @@ PLOTS = ("channel_ranges.png", "clusters.png", "ppl_vs_clusters.png")
 def run_dir(tmp_path_factory):
     """One small quantize run with a cluster sweep; tests copy it before changing anything."""
     out = tmp_path_factory.mktemp("plots") / "run"
+    config = out.parent / "static.json"  # smoothing and clusters: what the plots show
+    config.write_text(json.dumps(STATIC))
     rc = main(["quantize", "--model", "opt-tiny-random", "--out", str(out), "--seq-len", "64", "--calib-samples", "4",
+               "--config", str(config),
                "--eval", "eval", "--eval-windows", "2", "--no-onnx", "--quiet", "--cluster-sweep", "1", "2", "4"])
     assert rc == 0
     return out

@@ -9,6 +9,7 @@ from llmq_fx import qmath
 from llmq_fx.calibrate import calibrate
 from llmq_fx.graph import linear_nodes, module_path, observer_sites
 from llmq_fx.passes import GroupChannelsPass, InsertObserversPass, cluster_channels
+from conftest import static_config
 
 QDQ = torch.ops.llmq.quantize_dequantize.default
 DEQ_W = torch.ops.llmq.dequantize_weight.default
@@ -71,7 +72,7 @@ def test_weight_quantization_matches_numpy(group_size):
 
 def test_every_quantized_linear_has_one_activation_qdq(opt_gm, calib):
     k = 4
-    qgm = llmq_fx.quantize(opt_gm, calib, llmq_fx.QuantConfig(n_clusters=k), progress=False)
+    qgm = llmq_fx.quantize(opt_gm, calib, static_config(n_clusters=k), progress=False)
     for lin in linear_nodes(qgm.graph):
         path = module_path(lin)
         x, w = lin.args[0], lin.args[1]
@@ -90,7 +91,7 @@ def test_every_quantized_linear_has_one_activation_qdq(opt_gm, calib):
 
 
 def test_one_cluster_is_per_tensor_static_quantization(opt_gm, calib):
-    cfg = llmq_fx.QuantConfig(n_clusters=1, smooth_alpha=None, w_bits=None)
+    cfg = static_config(n_clusters=1, smooth_alpha=None, w_bits=None)
     qgm = llmq_fx.quantize(opt_gm, calib, cfg, progress=False)
     g = copy.deepcopy(opt_gm)
     InsertObserversPass()(g)
@@ -151,11 +152,11 @@ def test_kmeans_is_deterministic_and_ordered():
 
 
 def test_w4a4_output_close_and_skip_keeps_float(opt_gm, calib, eval_ids):
-    qgm = llmq_fx.quantize(opt_gm, calib, llmq_fx.QuantConfig(w_bits=8, a_bits=8, n_clusters=8), progress=False)
+    qgm = llmq_fx.quantize(opt_gm, calib, static_config(w_bits=8, a_bits=8, n_clusters=8), progress=False)
     with torch.no_grad():
         ref = opt_gm(eval_ids)
         err8 = float((qgm(eval_ids) - ref).norm() / ref.norm())
-        q4 = llmq_fx.quantize(opt_gm, calib, llmq_fx.QuantConfig(), progress=False)
+        q4 = llmq_fx.quantize(opt_gm, calib, static_config(), progress=False)
         err4 = float((q4(eval_ids) - ref).norm() / ref.norm())
     assert err8 < 0.05 and err8 < err4
     rows = {r["module"]: r for r in llmq_fx.summary(q4)}
@@ -166,11 +167,11 @@ def test_w4a4_output_close_and_skip_keeps_float(opt_gm, calib, eval_ids):
 
 
 def test_grouped_weights_and_bad_group_size(opt_gm, calib):
-    qgm = llmq_fx.quantize(opt_gm, calib, llmq_fx.QuantConfig(w_group_size=16), progress=False)
+    qgm = llmq_fx.quantize(opt_gm, calib, static_config(w_group_size=16), progress=False)
     scale = qgm.get_buffer("model.decoder.layers.0.fc2.weight_scale")
     assert scale.shape == (32, 64 // 16)
     with pytest.raises(llmq_fx.ConfigError, match="w_group_size.*in_features=32 of model.decoder.layers.0"):
-        llmq_fx.quantize(opt_gm, calib, llmq_fx.QuantConfig(w_group_size=24), progress=False)
+        llmq_fx.quantize(opt_gm, calib, static_config(w_group_size=24), progress=False)
 
 
 @pytest.mark.parametrize(

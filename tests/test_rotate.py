@@ -14,7 +14,7 @@ from llmq_fx.graph import observer_sites
 from llmq_fx.passes import InsertObserversPass
 from llmq_fx.passes.rotate import ONLINE_ROTATION_META, RotatePass, hadamard, kron_factors, rotation_matrix
 
-from conftest import VOCAB, make_opt
+from conftest import VOCAB, make_opt, static_config
 
 
 def _logits(gm, ids):
@@ -104,7 +104,7 @@ def test_rotation_lowers_w4a4_error_with_outlier_channels(calib, eval_ids):
     ref = _logits(gm, eval_ids)
     errs = {}
     for rotate in (False, True):
-        cfg = llmq_fx.QuantConfig(rotate=rotate, smooth_alpha=None, n_clusters=1, w_bits=None)
+        cfg = static_config(rotate=rotate, smooth_alpha=None, n_clusters=1, w_bits=None)
         q = llmq_fx.quantize(gm, calib, cfg, progress=False)
         errs[rotate] = (_logits(q, eval_ids) - ref).pow(2).mean().item()
     assert errs[True] < 0.5 * errs[False], errs
@@ -114,3 +114,24 @@ def test_post_ln_is_rejected(opt350_model):
     gm = llmq_fx.trace(opt350_model)
     with pytest.raises(UnsupportedModelError, match="rotation"):
         RotatePass()(gm)
+
+
+def test_auto_rotation_skips_post_ln_and_true_insists(opt350_model, opt_gm, calib, eval_ids):
+    gm = llmq_fx.trace(opt350_model)
+    qgm = llmq_fx.quantize(gm, calib, llmq_fx.QuantConfig(), progress=False)  # rotate="auto" by default
+    meta = qgm.meta["llmq_fx"]
+    assert "post-LN" in meta["rotation_skipped"] and "rotation" not in meta
+    assert not any(n.meta.get(ONLINE_ROTATION_META) for n in qgm.graph.nodes)
+    with torch.no_grad():
+        assert torch.isfinite(qgm(eval_ids)).all()
+    with pytest.raises(UnsupportedModelError, match="rotation"):
+        llmq_fx.quantize(gm, calib, llmq_fx.QuantConfig(rotate=True), progress=False)
+    # Pre-LN: "auto" rotates.
+    pre = llmq_fx.quantize(opt_gm, calib, llmq_fx.QuantConfig(), progress=False)
+    assert pre.meta["llmq_fx"]["rotation_skipped"] is None and pre.meta["llmq_fx"]["rotation"]["residual"]
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_bad_rotate_value_is_a_config_error(value):
+    with pytest.raises(llmq_fx.ConfigError, match="rotate"):
+        llmq_fx.QuantConfig(rotate=value)

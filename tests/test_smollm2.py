@@ -7,6 +7,7 @@ import torch
 
 import llmq_fx
 from llmq_fx.corpus import calibration_set, load_text, tokenize
+from conftest import static_config
 
 pytestmark = pytest.mark.model
 
@@ -35,7 +36,7 @@ def test_trace_equals_eager(smol):
 
 def test_sites_found_by_pattern_and_float_smoothing_is_exact(smol):
     _, _, gm, calib, ids = smol
-    qgm = llmq_fx.quantize(gm, calib, llmq_fx.QuantConfig(w_bits=None, a_bits=None, smooth_alpha=0.5), progress=False)
+    qgm = llmq_fx.quantize(gm, calib, static_config(w_bits=None, a_bits=None, smooth_alpha=0.5), progress=False)
     with torch.no_grad():
         ref = gm(ids)
         assert float((qgm(ids) - ref).norm() / ref.norm()) < 1e-4
@@ -51,7 +52,7 @@ def test_sites_found_by_pattern_and_float_smoothing_is_exact(smol):
 
 def test_w4a4_runs_and_stays_finite(smol):
     _, _, gm, calib, ids = smol
-    qgm = llmq_fx.quantize(gm, calib, llmq_fx.QuantConfig(n_clusters=8), progress=False)
+    qgm = llmq_fx.quantize(gm, calib, static_config(n_clusters=8), progress=False)
     rows = llmq_fx.summary(qgm)
     assert sum(r["a_bits"] == 4 for r in rows) == 7 * 30
     with torch.no_grad():

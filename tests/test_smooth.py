@@ -9,6 +9,7 @@ from llmq_fx.calibrate import calibrate
 from llmq_fx.graph import observer_sites
 from llmq_fx.passes import InsertObserversPass, SmoothPass
 from llmq_fx.stats import ActivationObserver
+from conftest import static_config
 
 FLOAT_ONLY = dict(w_bits=None, a_bits=None)
 
@@ -19,7 +20,7 @@ def _rel_err(a, b):
 
 def test_quantize_float_smoothing_keeps_logits_and_changes_weights(opt_gm, calib, eval_ids):
     before = {k: v.clone() for k, v in opt_gm.state_dict().items()}
-    qgm = llmq_fx.quantize(opt_gm, calib, llmq_fx.QuantConfig(**FLOAT_ONLY, smooth_alpha=0.5), progress=False)
+    qgm = llmq_fx.quantize(opt_gm, calib, static_config(**FLOAT_ONLY, smooth_alpha=0.5), progress=False)
     with torch.no_grad():
         assert _rel_err(qgm(eval_ids), opt_gm(eval_ids)) < 1e-4
     after = qgm.state_dict()
@@ -43,7 +44,7 @@ def test_quantize_float_smoothing_keeps_logits_and_changes_weights(opt_gm, calib
     ],
 )
 def test_each_site_alone_is_output_preserving(opt_gm, calib, eval_ids, site, changed):
-    cfg = llmq_fx.QuantConfig(**FLOAT_ONLY, smooth_alpha=0.8, smooth_sites=[site])
+    cfg = static_config(**FLOAT_ONLY, smooth_alpha=0.8, smooth_sites=[site])
     qgm = llmq_fx.quantize(opt_gm, calib, cfg, progress=False)
     with torch.no_grad():
         assert _rel_err(qgm(eval_ids), opt_gm(eval_ids)) < 1e-4
@@ -90,7 +91,7 @@ def test_transformed_stats_equal_recollected_stats(opt_gm, calib):
 
 def test_post_ln_and_tied_sites_are_skipped_with_reasons(opt350_model, calib, eval_ids):
     gm = llmq_fx.trace(opt350_model)
-    qgm = llmq_fx.quantize(gm, calib, llmq_fx.QuantConfig(**FLOAT_ONLY, smooth_alpha=0.5), progress=False)
+    qgm = llmq_fx.quantize(gm, calib, static_config(**FLOAT_ONLY, smooth_alpha=0.5), progress=False)
     with torch.no_grad():
         assert _rel_err(qgm(eval_ids), gm(eval_ids)) < 1e-4
     report = qgm.meta["llmq_fx"]["smoothing"]
@@ -102,6 +103,6 @@ def test_post_ln_and_tied_sites_are_skipped_with_reasons(opt350_model, calib, ev
 
 
 def test_tied_lm_head_is_never_folded(opt_gm, calib):
-    cfg = llmq_fx.QuantConfig(**FLOAT_ONLY, smooth_alpha=0.5, skip=[])
+    cfg = static_config(**FLOAT_ONLY, smooth_alpha=0.5, skip=[])
     qgm = llmq_fx.quantize(opt_gm, calib, cfg, progress=False)
     assert torch.equal(qgm.state_dict()["lm_head.weight"], opt_gm.state_dict()["lm_head.weight"])

@@ -2,7 +2,7 @@
 
 * ``llmq.quantize_dequantize(x, scale, zero_point, qmin, qmax)`` becomes
   ``QuantizeLinear -> DequantizeLinear`` along the last axis (per-axis scale and zero point).
-* ``llmq.quantize_dequantize_dynamic(x, bits, symmetric)`` becomes the per-token range subgraph
+* ``llmq.quantize_dequantize_dynamic(x, bits, symmetric, clip_ratio, group_size)`` becomes the per-token range subgraph
   ``ReduceMin/ReduceMax(axis=-1) -> scale, zero point -> QuantizeLinear -> DequantizeLinear``
   (``DynamicQuantizeLinear`` is UINT8 and per-tensor only, so it cannot express 4-bit per-token codes).
 * ``llmq.dequantize_weight(weight_int, scale, bits)`` becomes ``DequantizeLinear`` of the integer
@@ -70,7 +70,7 @@ def quantize_dequantize_onnx(x, scale, zero_point, qmin: int, qmax: int):
     return op.DequantizeLinear(q, scale, zp, axis=-1)
 
 
-def quantize_dequantize_dynamic_onnx(x, bits: int, symmetric: bool, clip_ratio: float = 1.0):
+def quantize_dequantize_dynamic_onnx(x, bits: int, symmetric: bool, clip_ratio: float = 1.0, group_size: int = 0):
     """Per-token QDQ, as ``torch.ops.llmq.quantize_dequantize_dynamic`` (``qmath.dynamic_fake_quantize``).
 
     The range of each token (last axis) is reduced at run time and turned into a scale and zero
@@ -81,12 +81,27 @@ def quantize_dequantize_dynamic_onnx(x, bits: int, symmetric: bool, clip_ratio: 
     onnxruntime runs it bit-exact with its QDQ fusion on or off. Symmetric codes have no zero
     point: ``output_dtype`` names the signed type. A ``clip_ratio`` other than 1 multiplies the
     reduced min and max (float32, as in PyTorch); values beyond saturate in QuantizeLinear.
+    With ``group_size`` > 0 the channels are first reshaped to ``[..., channels / G, G]`` (``Reshape``
+    copying the leading dims), the same subgraph runs with one block per group, and the result is
+    reshaped back.
     """
-    qmin, qmax = qmath.integer_range(bits, symmetric)
-    elem_type, type_min, type_max = onnx_integer_type(qmin, qmax)
     channels = x.shape[-1]
     if not isinstance(channels, int):
         raise ValueError(f"dynamic activation QDQ needs a static channel count, got shape {x.shape}")
+    if group_size:
+        if channels % group_size:
+            raise ValueError(f"activation group size {group_size} does not divide {channels} channels")
+        lead = [0] * (len(x.shape) - 1)  # Reshape's 0: copy that dim (batch, sequence stay dynamic)
+        grouped = op.Reshape(x, op.Constant(value_ints=lead + [channels // group_size, group_size]))
+        out = _dynamic_rows(grouped, group_size, bits, symmetric, clip_ratio)
+        return op.Reshape(out, op.Constant(value_ints=lead + [channels]))
+    return _dynamic_rows(x, channels, bits, symmetric, clip_ratio)
+
+
+def _dynamic_rows(x, channels: int, bits: int, symmetric: bool, clip_ratio: float):
+    """QDQ with one range per row of ``channels`` values (the last axis of ``x``)."""
+    qmin, qmax = qmath.integer_range(bits, symmetric)
+    elem_type, type_min, type_max = onnx_integer_type(qmin, qmax)
     last_axis = op.Constant(value_ints=[-1])
     zero = op.Constant(value_float=0.0)
     lo = op.ReduceMin(x, last_axis, keepdims=1)

@@ -7,8 +7,8 @@ Rewrite:
   qmin, qmax)`` whose per-channel ``scale``/``zero_point`` buffers hold one value per cluster,
   computed from the cluster's min/max (``qmath.minmax_scale_zero_point``). Skipped consumers read
   the raw producer; with ``a_bits=None`` the observer is simply removed. With ``a_dynamic`` it is
-  ``llmq.quantize_dequantize_dynamic(x, bits, symmetric, clip_ratio)`` instead: per-token ranges at
-  run time. ``a_clip_ratio`` < 1 shrinks every range (static cluster or dynamic token) by that factor.
+  ``llmq.quantize_dequantize_dynamic(x, bits, symmetric, clip_ratio, group_size)`` instead: per-token ranges at
+  run time (per ``a_group_size`` channels of a token if set). ``a_clip_ratio`` < 1 shrinks every range (static cluster or dynamic token) by that factor.
 * mixed precision (``a_outlier_bits``) -- the ``a_outlier_clusters`` clusters of widest calibrated
   range (``max - min`` over the cluster's channels) are quantized at ``a_outlier_bits``, the rest at
   ``a_bits``. The channels are *split*, not quantized twice and selected::
@@ -64,8 +64,9 @@ class InsertQDQPass(PassBase):
     def __init__(self, w_bits: int | None, a_bits: int | None, w_group_size: int | None = None,
                  a_symmetric: bool = False, skip: list[str] | None = None, a_dynamic: bool = False,
                  a_outlier_bits: int | None = None, a_outlier_clusters: int = 1, a_clip_ratio: float = 1.0,
-                 w_clip: bool = False):
+                 w_clip: bool = False, a_group_size: int | None = None):
         super().__init__()
+        self.a_group_size = a_group_size
         self.a_clip_ratio = float(a_clip_ratio)
         self.w_clip = w_clip
         self.w_bits = w_bits
@@ -111,7 +112,7 @@ class InsertQDQPass(PassBase):
                     "w_bits": w_bits,
                     "w_group_size": self.w_group_size if w_bits is not None else None,
                     "a_bits": self.a_bits if (is_q and qdq is not None) else None,
-                    "clusters": ("per-token" if self.a_dynamic else meta.get("clusters")) if (is_q and qdq is not None) else None,
+                    "clusters": (self._dynamic_label() if self.a_dynamic else meta.get("clusters")) if (is_q and qdq is not None) else None,
                     "a_effective_bits": (
                         qdq.meta["llmq_site"]["a_effective_bits"] if (is_q and qdq is not None) else None
                     ),
@@ -199,11 +200,20 @@ class InsertQDQPass(PassBase):
         z_node = graph.get_attr(f"{name}_zero_point")
         return graph.call_function(torch.ops.llmq.quantize_dequantize.default, (x, s_node, z_node, qmin, qmax))
 
+    def _dynamic_label(self) -> str:
+        return f"per-token/{self.a_group_size}" if self.a_group_size else "per-token"
+
     def _dynamic_qdq(self, gm: fx.GraphModule, site) -> fx.Node:
-        with gm.graph.inserting_after(site.observer):
-            qdq = gm.graph.call_function(
-                torch.ops.llmq.quantize_dequantize_dynamic.default, (site.producer, self.a_bits, self.a_symmetric, self.a_clip_ratio)
+        group = self.a_group_size or 0
+        channels = site.module.stats().num_channels
+        if group and channels % group:
+            raise ConfigError(
+                f"config key 'a_group_size'={group} does not divide the {channels} input channels of "
+                f"{site.name} (observer node {site.observer.name})"
             )
+        args = (site.producer, self.a_bits, self.a_symmetric, self.a_clip_ratio, group)
+        with gm.graph.inserting_after(site.observer):
+            qdq = gm.graph.call_function(torch.ops.llmq.quantize_dequantize_dynamic.default, args)
         qdq.meta["llmq_site"] = dict(
             site.observer.meta.get("llmq_site", {}), a_bits=self.a_bits, dynamic=True, a_effective_bits=float(self.a_bits)
         )

@@ -181,9 +181,11 @@ class RotatePass(PassBase):
             elif is_linear(n) or (n.op == "call_function" and n.target == aten.embedding.default):
                 writers.append(n)
             else:
+                is_norm = norm_affine(n) is not None or n.target == aten.layer_norm.default
+                hint = " (a norm on the residual stream: a post-LN block, as OPT-350m's)" if is_norm else ""
                 raise UnsupportedModelError(
                     f"rotation: residual stream is produced by {n.name} ({n.op} {n.target}), not by an "
-                    "embedding, a Linear or an add"
+                    f"embedding, a Linear or an add{hint}"
                 )
         for n in residual:
             for u in n.users:
