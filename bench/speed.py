@@ -6,7 +6,7 @@
     python bench/speed.py --merge speed_gpu.json      # fold a run made on another machine in
 
 For each model: wall time and peak memory of every stage (trace; then, inside ``llmq_fx.quantize``,
-observe, calibrate, smooth, group, quantize; then the W4A4 ONNX export), and the floor: one plain
+rotate, observe, calibrate, smooth, group, gptq, quantize, as the config runs them; then the W4A4 ONNX export), and the floor: one plain
 float forward pass of the traced graph over the same calibration tokens in the same batches. The
 pipeline should cost little more than the floor, since calibration is one such pass plus the
 observers; ``ratio`` is pipeline time over floor time.
@@ -18,7 +18,9 @@ observers; ``ratio`` is pipeline time over floor time.
 * Peak memory per stage: on CPU the process's peak RSS (VmHWM, reset at every stage start by writing
   5 to /proc/self/clear_refs); on CUDA ``torch.cuda.max_memory_allocated`` (reset per stage), plus
   the host's peak RSS. ``quantize`` first deep-copies the graph (its parameters too), untimed by
-  its own stage clock: that copy is counted in the ``observe`` row, time and memory alike.
+  its own stage clock: that copy is counted in the first stage's row (``rotate`` with the default
+  config, else ``observe``), time and memory alike. ``--config`` overrides ``QuantConfig()``
+  (e.g. ``{"gptq": false}`` with ``--tag no-gptq``); the config is in every entry.
 * With the export (default on CPU): the float graph is exported too, and onnxruntime's latency on
   one ``[1, --seq-len]`` window (median of ``--latency-runs`` after two warm-ups) is measured for
   the float and the W4A4 file, next to the PyTorch graphs' latency; file sizes are recorded.
@@ -66,7 +68,7 @@ _OPT_COMMON = dict(vocab_size=50272, max_position_embeddings=2048, do_layer_norm
                    dropout=0.0, attention_dropout=0.0, enable_bias=True, tie_word_embeddings=True)
 
 # The stage rows of the tables, in pipeline order; "load" and "floor" are not part of the pipeline.
-PIPELINE = ("trace", "observe", "calibrate", "smooth", "group", "quantize")
+PIPELINE = ("trace", "rotate", "observe", "calibrate", "smooth", "group", "gptq", "quantize")
 _VERSIONED = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime", "scikit-learn", "numpy")
 
 
@@ -152,7 +154,8 @@ def quantize_by_stage(gm, calib: torch.Tensor, config, clock: StageClock):
     if missing:
         raise RuntimeError(f"llmq_fx.quantize no longer logs the end of stages {sorted(missing)}; fix _StageEnds")
     # The first lap also holds quantize()'s deep copy of the graph, which its own clock leaves out.
-    clock.stages["observe"]["copy_seconds"] = clock.stages["observe"]["seconds"] - own["observe"]
+    first = next(iter(own))
+    clock.stages[first]["copy_seconds"] = clock.stages[first]["seconds"] - own[first]
     for name, seconds in own.items():
         clock.stages[name]["stage_clock_seconds"] = seconds
     return qgm
@@ -239,7 +242,7 @@ def markdown(data: dict) -> str:
     lines = ["# llmq_fx speed and memory", "",
              "Written by `bench/speed.py` (its docstring says what is measured). Times are wall seconds of one run; "
              "the floor is one float forward pass of the traced graph over the calibration tokens, batched as "
-             "calibration is; ratio = time / floor. `observe` includes the deep copy of the graph that "
+             "calibration is; ratio = time / floor. The first stage (`rotate`, else `observe`) includes the deep copy of the graph that "
              "`llmq_fx.quantize` makes first.", ""]
     for section, title in (("cpu", "CPU"), ("cuda", "GPU (CUDA)")):
         entries = data.get(section)
@@ -260,6 +263,8 @@ def markdown(data: dict) -> str:
         lines.append("|---|" + "---|" * len(entries))
         lines.append("| calibration tokens (N x T, batch) | " + " | ".join(
             f"{e['calib']['samples']} x {e['calib']['seq_len']}, batch {e['calib']['batch_size']}" for e in entries.values()) + " |")
+        lines.append("| config: QuantConfig() with | " + " | ".join(
+            f"`{json.dumps(e['config_overrides'])}`" if e.get("config_overrides") else "defaults" for e in entries.values()) + " |")
         lines.append("| model (parameters) | " + " | ".join(f"{e['model']} ({e['parameters'] / 1e6:.0f} M, {e['dtype']})" for e in entries.values()) + " |")
         lines += ["", "| stage | " + " | ".join(f"{n} s | " + " | ".join(m for _, m in mems) for n in entries) + " |",
                   "|---|" + "---:|" * (len(entries) * (1 + len(mems)))]
@@ -320,8 +325,9 @@ def run_one(name: str, args, device: torch.device, save) -> None:
     entry["parameters"] = sum(p.numel() for p in model.parameters())
     entry["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     entry["attention"] = getattr(model.config, "_attn_implementation", None)
-    config = llmq_fx.QuantConfig(calib_batch_size=args.batch_size)
+    config = llmq_fx.QuantConfig.from_dict({**json.loads(args.config), "calib_batch_size": args.batch_size})
     entry["config"] = config.to_dict()
+    entry["config_overrides"] = json.loads(args.config)
     entry["calib"] = {"samples": int(calib.shape[0]), "seq_len": int(calib.shape[1]), "tokens": int(calib.numel()),
                       "batch_size": args.batch_size, "source": "random token ids" if name in SHAPES else "built-in calib text"}
 
@@ -397,6 +403,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4, help="calibration (and floor) batch size")
     p.add_argument("--no-export", action="store_true", help="skip the ONNX export and the onnxruntime latency")
     p.add_argument("--latency-runs", type=int, default=10)
+    p.add_argument("--config", default="{}", help='QuantConfig() overrides as JSON, e.g. \'{"gptq": false}\' (with --tag)')
     p.add_argument("--tf32", action="store_true", help="CUDA: allow TF32 matrix products (default: full float32)")
     p.add_argument("--tag", help="appended to every entry name, e.g. tf32")
     p.add_argument("--json", type=Path, default=RESULTS / "speed.json")

@@ -71,6 +71,7 @@ def quantize(
     if config.rotate:
         timings["rotate"] = rotate_s
         meta["rotation_skipped"] = rotation_skipped
+        logger.info("stage %s: %.2f s", "rotate", rotate_s)
 
     w_gptq = config.gptq and config.w_bits is not None
     stages = []

@@ -203,7 +203,8 @@ class RotatePass(PassBase):
                 readers.append((lin, na))
 
         d = attr(gm, norms[0].weight.target).numel()
-        q = rotation_matrix(d, gen)
+        # Drawn on the CPU generator (the same matrix whatever the device), used where the weights are.
+        q = rotation_matrix(d, gen).to(attr(gm, norms[0].weight.target).device)
         center = kind == "layer_norm"
 
         for w in writers:
@@ -273,6 +274,7 @@ class RotatePass(PassBase):
             vpath, opath = module_path(v_proj), module_path(out)
             vt = _own_param(gm, v_proj, v_proj.args[1], f"{vpath}.weight")
             wv = attr(gm, vt).detach().to(torch.float64)
+            h = h.to(wv.device)
             n_kv = wv.shape[0] // hd
             wv = wv.reshape(n_kv, hd, -1)
             _write(gm, vt, torch.einsum("ji,hjc->hic", h, wv).reshape(n_kv * hd, -1))
@@ -300,7 +302,7 @@ class RotatePass(PassBase):
             wt = _own_param(gm, lin, lin.args[1], f"{path}.weight")
             w = attr(gm, wt).detach().to(torch.float64)
             f = w.shape[1]
-            a_mat, b_mat = kron_factors(f, gen)
+            a_mat, b_mat = (m.to(w.device) for m in kron_factors(f, gen))
             a, b = a_mat.shape[0], b_mat.shape[0]
             _write(gm, wt, w @ torch.kron(a_mat, b_mat))
             base = "llmq_rotation_" + path.replace(".", "_")
