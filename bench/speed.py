@@ -29,7 +29,7 @@ Output: ``--json`` (default ``bench/results/speed.json``) holds one section per 
 ``cuda``), each keyed by model or shape name; every entry carries its own command, machine and
 versions, and is written as soon as a stage finishes, so an interrupted run keeps what it measured.
 New entries replace entries of the same name. ``speed.md`` next to the JSON is rewritten from the
-whole JSON every time.
+whole JSON every time, and for the default ``--json`` copied into the speed section of ``bench/RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -231,7 +231,13 @@ def save_entry(path: Path, section: str, name: str, entry: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2))
     tmp.replace(path)
-    path.with_suffix(".md").write_text(markdown(data))
+    text = markdown(data)
+    path.with_suffix(".md").write_text(text)
+    if path.resolve() == (RESULTS / "speed.json").resolve():  # the project's results: also in RESULTS.md
+        from quality import splice_results_md  # bench/ is sys.path[0] when this script runs
+
+        splice_results_md(RESULTS.parent / "RESULTS.md", "## Speed and memory\n" + text.split("\n", 1)[1].replace("\n## ", "\n### "),
+                          section="speed")
 
 
 def _num(v, fmt: str) -> str:

@@ -77,6 +77,9 @@ def _cmd_quantize(args) -> int:
         "calibration": {"text": args.calib, "samples": int(calib.shape[0]), "seq_len": args.seq_len, "tokens": int(calib.numel())},
         "summary": rows,
         "smoothing": qgm.meta["llmq_fx"].get("smoothing", {}),
+        "rotation": qgm.meta["llmq_fx"].get("rotation"),
+        "rotation_skipped": qgm.meta["llmq_fx"].get("rotation_skipped"),
+        "gptq": qgm.meta["llmq_fx"].get("gptq"),
         "timings_s": timings,
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "device": args.device,
                     "cpu_threads": torch.get_num_threads()},
@@ -168,8 +171,15 @@ def _latencies(models: dict, window: torch.Tensor, runs: int) -> dict:
 
 def _print_result(report: dict, out: Path) -> None:
     cfg = report["config"]
-    print(f"\nllmq_fx: {report['model']} W{cfg['w_bits'] or 16}A{cfg['a_bits'] or 16}, "
-          f"n_clusters={cfg['n_clusters']}, smooth_alpha={cfg['smooth_alpha']}")
+    parts = ["GPTQ" if cfg.get("gptq") and cfg["w_bits"] else "RTN" if cfg["w_bits"] else None]
+    if cfg["a_bits"]:
+        parts.append(f"per-token/{cfg['a_group_size']}" if cfg.get("a_dynamic") and cfg.get("a_group_size")
+                     else "per-token" if cfg.get("a_dynamic") else f"n_clusters={cfg['n_clusters']}")
+        if cfg.get("a_clip_ratio", 1.0) != 1.0:
+            parts.append(f"clip {cfg['a_clip_ratio']}")
+    rotated = cfg.get("rotate") and not report.get("rotation_skipped")
+    parts += ["rotated" if rotated else None, f"smooth_alpha={cfg['smooth_alpha']}" if cfg["smooth_alpha"] is not None else None]
+    print(f"\nllmq_fx: {report['model']} W{cfg['w_bits'] or 16}A{cfg['a_bits'] or 16}, " + ", ".join(p for p in parts if p))
     lines = [("", "value")]
     ev = report.get("eval")
     if ev:
