@@ -378,9 +378,9 @@ def run_one(name: str, args, device: torch.device, save) -> None:
                     logger.info("%s latency: %.1f ms", key, entry["latency"][key]["median_ms"])
     elif device.type == "cuda":
         entry["note"] = ("GPU: ONNX export skipped for these models (the exporter works on a CPU copy of the graph and "
-                         "would write GB-sized files; the CPU section measures it). Observers, statistics, smoothing and "
-                         "QDQ stay on the GPU; k-means (the `group` row) runs once per site on the CPU over a small "
-                         "[channels, 2] feature matrix, which is most of the non-floor time for opt-6.7b (129 sites).")
+                         "would write GB-sized files; the CPU section measures it). Rotation, observers, statistics, "
+                         "Hessians, GPTQ, smoothing and QDQ stay on the GPU; with static activations k-means (the "
+                         "`group` row) runs once per site on the CPU over a small [channels, 2] feature matrix.")
     # The quantized graph runs where it was built: every tensor on the device, finite logits.
     tensors = list(qgm.parameters()) + list(qgm.buffers())
     with torch.no_grad():
