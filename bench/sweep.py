@@ -24,6 +24,11 @@ from llmq_fx.evaluate import perplexity
 from llmq_fx.models import load_model
 
 
+# The sweep is about static clusters x smoothing with round-to-nearest weights: pin the keys of the
+# default recipe (rotation, GPTQ, dynamic activations, clipping) off, so that rows stay comparable.
+STATIC = dict(rotate=False, gptq=False, a_dynamic=False, a_clip_ratio=1.0, w_clip=False)
+
+
 def grid(clusters: list[int], alphas: list[float | None]) -> list[tuple[str, dict]]:
     rows: list[tuple[str, dict]] = [("W8A8 per-tensor", dict(w_bits=8, a_bits=8, n_clusters=1, smooth_alpha=None))]
     for alpha in alphas:
@@ -57,7 +62,7 @@ def main() -> None:
     results.append({"method": "float", "config": None, "ppl": fp.ppl, "seconds": time.perf_counter() - t0})
     print(f"float: {fp.ppl:.3f}", flush=True)
     for name, kw in grid(args.clusters, [None] + args.alphas):
-        cfg = llmq_fx.QuantConfig(cluster_features=args.features, **kw)
+        cfg = llmq_fx.QuantConfig(cluster_features=args.features, **{**STATIC, **kw})
         t0 = time.perf_counter()
         qgm = llmq_fx.quantize(gm, calib, cfg, progress=False)
         res = perplexity(qgm, tokens, args.seq_len, args.eval_windows)

@@ -153,11 +153,14 @@ def write_plots(out_dir: Path, site: str | None = None) -> list[Path]:
         a_bits = report.get("config", {}).get("a_bits")
         written.append(_save(_clusters_figure(stats, a_bits), out_dir / "clusters.png"))
     else:
-        logger.info("no cluster labels for site %s (activations not quantized): clusters.png skipped", chosen)
+        cfg = report.get("config", {})
+        reason = ("per-token dynamic activations have no clusters" if cfg.get("a_dynamic") and cfg.get("a_bits")
+                  else "activations not quantized")
+        logger.warning("no cluster labels for site %s (%s): clusters.png skipped", chosen, reason)
     if report.get("cluster_sweep"):
         written.append(_save(_ppl_figure(report), out_dir / "ppl_vs_clusters.png"))
     else:
-        logger.info("no cluster_sweep in %s (quantize with --eval and --cluster-sweep): ppl_vs_clusters.png skipped",
+        logger.warning("no cluster_sweep in %s (quantize with --eval and --cluster-sweep): ppl_vs_clusters.png skipped",
                     report_path)
     return written
 
