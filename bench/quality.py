@@ -356,6 +356,7 @@ def machine(device: torch.device) -> dict:
     except (OSError, StopIteration):
         cpu = platform.processor() or platform.machine()
     info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
             "python": platform.python_version(), "platform": platform.platform(), "device": str(device), "gpu": None,
             "loadavg_start": os.getloadavg()}
     for pkg in _VERSIONED:

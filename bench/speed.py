@@ -36,11 +36,9 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.metadata
 import json
 import logging
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -52,6 +50,7 @@ from pathlib import Path
 import torch
 
 import llmq_fx
+from quality import machine, splice_results_md  # bench/ is sys.path[0] when this script runs
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +68,6 @@ _OPT_COMMON = dict(vocab_size=50272, max_position_embeddings=2048, do_layer_norm
 
 # The stage rows of the tables, in pipeline order; "load" and "floor" are not part of the pipeline.
 PIPELINE = ("trace", "rotate", "observe", "calibrate", "smooth", "group", "gptq", "quantize")
-_VERSIONED = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime", "scikit-learn", "numpy")
 
 
 # -- memory and time ---------------------------------------------------------------------------
@@ -205,24 +203,6 @@ def latency_ms(runner, window: torch.Tensor, runs: int) -> dict:
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "runs": runs}
 
 
-# -- machine -----------------------------------------------------------------------------------
-def machine(device: torch.device) -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
-    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-            "python": platform.python_version(), "loadavg_start": os.getloadavg()}
-    for pkg in _VERSIONED:
-        try:
-            info[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            info[pkg] = None
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda,
-                    tf32_matmul=torch.backends.cuda.matmul.allow_tf32)
-    return info
-
-
 # -- results -----------------------------------------------------------------------------------
 def save_entry(path: Path, section: str, name: str, entry: dict) -> None:
     data = json.loads(path.read_text()) if path.is_file() else {}
@@ -234,8 +214,6 @@ def save_entry(path: Path, section: str, name: str, entry: dict) -> None:
     text = markdown(data)
     path.with_suffix(".md").write_text(text)
     if path.resolve() == (RESULTS / "speed.json").resolve():  # the project's results: also in RESULTS.md
-        from quality import splice_results_md  # bench/ is sys.path[0] when this script runs
-
         splice_results_md(RESULTS.parent / "RESULTS.md", "## Speed and memory\n" + text.split("\n", 1)[1].replace("\n## ", "\n### "),
                           section="speed")
 
