@@ -74,8 +74,7 @@ def quantize(
         logger.info("stage %s: %.2f s", "rotate", rotate_s)
 
     w_gptq = config.gptq and config.w_bits is not None
-    stages = []
-    stages.append(("observe", lambda: InsertObserversPass(hessian=w_gptq)(qgm)))
+    stages = [("observe", lambda: InsertObserversPass(hessian=w_gptq)(qgm))]
     stages.append(("calibrate", lambda: meta.__setitem__("calib_tokens", calibrate(qgm, calib, config.calib_batch_size, progress))))
     if config.smooth_alpha is not None and config.smooth_sites:
         stages.append(("smooth", lambda: SmoothPass(config.smooth_alpha, config.smooth_sites, config.skip)(qgm)))
@@ -85,13 +84,14 @@ def quantize(
         from llmq_fx.passes.gptq import GPTQPass
 
         stages.append(("gptq", lambda: GPTQPass(
-            config.w_bits, config.w_group_size, config.gptq_act_order, config.gptq_damp, config.gptq_block_size, config.skip,
-            config.w_clip,
+            config.w_bits, w_group_size=config.w_group_size, act_order=config.gptq_act_order, damp=config.gptq_damp,
+            block_size=config.gptq_block_size, skip=config.skip, clip=config.w_clip,
         )(qgm)))
     stages.append(("quantize", lambda: InsertQDQPass(
-        config.w_bits, config.a_bits, config.w_group_size, config.a_symmetric, config.skip, config.a_dynamic,
-        config.a_outlier_bits, config.a_outlier_clusters, config.a_clip_ratio, config.w_clip,
-        config.a_group_size,
+        config.w_bits, config.a_bits, w_group_size=config.w_group_size, a_symmetric=config.a_symmetric,
+        skip=config.skip, a_dynamic=config.a_dynamic, a_outlier_bits=config.a_outlier_bits,
+        a_outlier_clusters=config.a_outlier_clusters, a_clip_ratio=config.a_clip_ratio, w_clip=config.w_clip,
+        a_group_size=config.a_group_size,
     )(qgm)))
 
     bar = tqdm(stages, desc="llmq_fx", unit="stage", disable=not progress)

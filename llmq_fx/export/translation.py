@@ -56,15 +56,20 @@ def onnx_integer_type(qmin: int, qmax: int) -> tuple[int, int, int]:
     raise ValueError(f"integer range [{qmin}, {qmax}] does not fit an 8-bit ONNX type")
 
 
+def _clamp_to_codes(x, scale, zero_point_float, qmin: int, qmax: int):
+    """Clamp ``x`` to the float image ``[(qmin - z) s, (qmax - z) s]`` of a code range narrower than its
+    ONNX type (2- and 3-bit codes held in 4-bit types): QuantizeLinear saturates at the *type's*
+    bounds only, so without this a 3-bit code could take 4-bit values."""
+    lo = op.Mul(op.Sub(op.Constant(value_float=float(qmin)), zero_point_float), scale)
+    hi = op.Mul(op.Sub(op.Constant(value_float=float(qmax)), zero_point_float), scale)
+    return op.Min(op.Max(x, lo), hi)
+
+
 def quantize_dequantize_onnx(x, scale, zero_point, qmin: int, qmax: int):
     """Activation QDQ along the last axis, as ``torch.ops.llmq.quantize_dequantize``."""
     elem_type, type_min, type_max = onnx_integer_type(qmin, qmax)
     if (qmin, qmax) != (type_min, type_max):
-        # QuantizeLinear would saturate at the type's bounds; clamp x to the code's bounds instead.
-        z = op.Cast(zero_point, to=onnx.TensorProto.FLOAT)
-        lo = op.Mul(op.Sub(op.Constant(value_float=float(qmin)), z), scale)
-        hi = op.Mul(op.Sub(op.Constant(value_float=float(qmax)), z), scale)
-        x = op.Min(op.Max(x, lo), hi)
+        x = _clamp_to_codes(x, scale, op.Cast(zero_point, to=onnx.TensorProto.FLOAT), qmin, qmax)
     zp = op.Cast(zero_point, to=elem_type)
     q = op.QuantizeLinear(x, scale, zp, axis=-1)
     return op.DequantizeLinear(q, scale, zp, axis=-1)
@@ -125,11 +130,7 @@ def _dynamic_rows(x, channels: int, bits: int, symmetric: bool, clip_ratio: floa
             op.Constant(value_float=float(qmax)),
         )
     if (qmin, qmax) != (type_min, type_max):
-        # 2- and 3-bit codes: clamp to the float image of [qmin, qmax], as quantize_dequantize_onnx.
-        x = op.Min(
-            op.Max(x, op.Mul(op.Sub(op.Constant(value_float=float(qmin)), zero_point), scale)),
-            op.Mul(op.Sub(op.Constant(value_float=float(qmax)), zero_point), scale),
-        )
+        x = _clamp_to_codes(x, scale, zero_point, qmin, qmax)
     if symmetric:
         q = op.QuantizeLinear(x, scale, axis=-1, block_size=channels, output_dtype=elem_type)
         return op.DequantizeLinear(q, scale, axis=-1, block_size=channels)

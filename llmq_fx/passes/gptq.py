@@ -39,14 +39,11 @@ from llmq_fx import ops  # noqa: F401  (registers torch.ops.llmq)
 from llmq_fx import qmath
 from llmq_fx.errors import ConfigError, StatisticsError, UnsupportedModelError
 from llmq_fx.graph import attr, is_skipped, module_path, observer_sites
-from llmq_fx.passes.insert_qdq import insert_weight_dequant
+from llmq_fx.passes.insert_qdq import insert_weight_dequant, is_integer_weight
 
 __all__ = ["GPTQPass", "output_error"]
 
 logger = logging.getLogger(__name__)
-
-_DEQUANTIZE_WEIGHT_OPS = {torch.ops.llmq.dequantize_weight.default}
-
 
 def output_error(weight: torch.Tensor, weight_hat: torch.Tensor, hessian: torch.Tensor) -> float:
     """``tr((W - W_hat) H (W - W_hat)^T) / tr(W H W^T)``: the relative layer output error on the calibration inputs."""
@@ -90,7 +87,7 @@ class GPTQPass(PassBase):
         modified = False
         for site in observer_sites(gm):
             linears = [c for c in site.consumers if not is_skipped(module_path(c), self.skip)]
-            linears = [c for c in linears if not _is_dequantize_weight(c.args[1])]  # already integer
+            linears = [c for c in linears if not is_integer_weight(c.args[1])]  # already integer
             if not linears:
                 continue
             hessian = self._site_hessian(site)
@@ -148,7 +145,3 @@ class GPTQPass(PassBase):
         logger.info("gptq %s: relative output error %.4g (round-to-nearest %.4g)",
                     path, record["gptq_error"], record["rtn_error"])
         return record
-
-
-def _is_dequantize_weight(node) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in _DEQUANTIZE_WEIGHT_OPS

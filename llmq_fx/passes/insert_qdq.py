@@ -7,8 +7,9 @@ Rewrite:
   qmin, qmax)`` whose per-channel ``scale``/``zero_point`` buffers hold one value per cluster,
   computed from the cluster's min/max (``qmath.minmax_scale_zero_point``). Skipped consumers read
   the raw producer; with ``a_bits=None`` the observer is simply removed. With ``a_dynamic`` it is
-  ``llmq.quantize_dequantize_dynamic(x, bits, symmetric, clip_ratio, group_size)`` instead: per-token ranges at
-  run time (per ``a_group_size`` channels of a token if set). ``a_clip_ratio`` < 1 shrinks every range (static cluster or dynamic token) by that factor.
+  ``llmq.quantize_dequantize_dynamic(x, bits, symmetric, clip_ratio, group_size)`` instead: ranges
+  computed at run time per token (per ``a_group_size`` channels of a token if set).
+  ``a_clip_ratio`` < 1 shrinks every range (static cluster or dynamic token) by that factor.
 * mixed precision (``a_outlier_bits``) -- the ``a_outlier_clusters`` clusters of widest calibrated
   range (``max - min`` over the cluster's channels) are quantized at ``a_outlier_bits``, the rest at
   ``a_bits``. The channels are *split*, not quantized twice and selected::
@@ -29,7 +30,8 @@ Rewrite:
 * weights -- each non-skipped consumer's float weight is replaced by an int8 buffer ``weight_int``
   (values in the ``w_bits`` range) and a ``scale`` buffer on the Linear's module path, read through
   ``llmq.dequantize_weight``; the exporter turns that into an INT4 initializer + DequantizeLinear.
-  ``w_clip`` searches each row's (group's) clipping ratio (``qmath.weight_scale``). The float weight attribute is deleted when nothing else uses it.
+  ``w_clip`` searches each row's (group's) clipping ratio (``qmath.weight_scale``). The float weight
+  attribute is deleted when nothing else uses it.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from llmq_fx import qmath
 from llmq_fx.errors import ConfigError
 from llmq_fx.graph import attr, is_skipped, linear_nodes, module_path, observer_sites, set_attr
 
-__all__ = ["InsertQDQPass", "cluster_ranges", "insert_weight_dequant"]
+__all__ = ["InsertQDQPass", "cluster_ranges", "insert_weight_dequant", "is_integer_weight"]
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +114,9 @@ class InsertQDQPass(PassBase):
                     "w_bits": w_bits,
                     "w_group_size": self.w_group_size if w_bits is not None else None,
                     "a_bits": self.a_bits if (is_q and qdq is not None) else None,
-                    "clusters": (self._dynamic_label() if self.a_dynamic else meta.get("clusters")) if (is_q and qdq is not None) else None,
+                    "clusters": (
+                        (self._dynamic_label() if self.a_dynamic else meta.get("clusters")) if (is_q and qdq is not None) else None
+                    ),
                     "a_effective_bits": (
                         qdq.meta["llmq_site"]["a_effective_bits"] if (is_q and qdq is not None) else None
                     ),
@@ -224,7 +228,7 @@ class InsertQDQPass(PassBase):
 
     def _weight_dequant(self, gm: fx.GraphModule, linear: fx.Node, path: str) -> None:
         w_node = linear.args[1]
-        if w_node.op == "call_function" and w_node.target == torch.ops.llmq.dequantize_weight.default:
+        if is_integer_weight(w_node):
             return  # already integer (an earlier weight pass, e.g. GPTQ, quantized it)
         weight = attr(gm, w_node.target)
         if self.w_group_size is not None and weight.shape[1] % self.w_group_size:
@@ -233,6 +237,11 @@ class InsertQDQPass(PassBase):
             )
         qweight, scale = qmath.quantize_weight(weight, self.w_bits, self.w_group_size, self.w_clip)
         insert_weight_dequant(gm, linear, path, qweight, scale, self.w_bits)
+
+
+def is_integer_weight(node) -> bool:
+    """True when a Linear's weight input is already ``llmq.dequantize_weight`` of integer codes."""
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target == torch.ops.llmq.dequantize_weight.default
 
 
 def insert_weight_dequant(
