@@ -66,7 +66,8 @@ _VERSIONED = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime", "sci
 _PLAIN = dict(
     w_bits=4, a_bits=4, w_group_size=None, a_symmetric=False, a_dynamic=False, smooth_alpha=None,
     smooth_sites=["qkv", "fc1"], n_clusters=1, cluster_features="minmax", a_outlier_bits=None,
-    rotate=False, gptq=False, w_clip=False, a_clip_ratio=1.0, a_group_size=None, skip=["lm_head"],
+    rotate=False, gptq=False, gptq_act_aware=None, w_clip=False, a_clip_ratio=1.0, a_group_size=None,
+    skip=["lm_head"],
 )
 
 # RPTQ4LLM (hahnyuan/RPTQ4LLM, commit 5d7a014, main.py lines 196-200): --R1_clusters 32, --R2_clusters 4,
@@ -164,7 +165,9 @@ def config_short(cfg: dict | None) -> str:
         return "float"
     w = "float" if cfg["w_bits"] is None else f"W{cfg['w_bits']} " + (
         "per-channel" if cfg.get("w_group_size") is None else f"group {cfg['w_group_size']}") + (
-        " GPTQ" if cfg.get("gptq") else " RTN") + (" clip-search" if cfg.get("w_clip") else "")
+        " GPTQ" if cfg.get("gptq") else " RTN") + (" clip-search" if cfg.get("w_clip") else "") + (
+        f" act-aware {cfg['gptq_act_aware']}" if cfg.get("gptq") and cfg.get("gptq_act_aware") is not None
+        and cfg.get("a_bits") and cfg.get("a_dynamic") and cfg.get("smooth_alpha") is None else "")
     if cfg["a_bits"] is None:
         a = "A16"
     elif cfg.get("a_dynamic"):

@@ -80,6 +80,7 @@ def _cmd_quantize(args) -> int:
         "rotation": qgm.meta["llmq_fx"].get("rotation"),
         "rotation_skipped": qgm.meta["llmq_fx"].get("rotation_skipped"),
         "gptq": qgm.meta["llmq_fx"].get("gptq"),
+        "gptq_act_aware_skipped": qgm.meta["llmq_fx"].get("gptq_act_aware_skipped"),
         "timings_s": timings,
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "device": args.device,
                     "cpu_threads": torch.get_num_threads()},
@@ -171,7 +172,9 @@ def _latencies(models: dict, window: torch.Tensor, runs: int) -> dict:
 
 def _print_result(report: dict, out: Path) -> None:
     cfg = report["config"]
-    parts = ["GPTQ" if cfg.get("gptq") and cfg["w_bits"] else "RTN" if cfg["w_bits"] else None]
+    gptq = "GPTQ" + ("" if report.get("gptq_act_aware_skipped") or cfg.get("gptq_act_aware") is None
+                     else f" act-aware {cfg['gptq_act_aware']}")
+    parts = [gptq if cfg.get("gptq") and cfg["w_bits"] else "RTN" if cfg["w_bits"] else None]
     if cfg["a_bits"]:
         parts.append(f"per-token/{cfg['a_group_size']}" if cfg.get("a_dynamic") and cfg.get("a_group_size")
                      else "per-token" if cfg.get("a_dynamic") else f"n_clusters={cfg['n_clusters']}")

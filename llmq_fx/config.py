@@ -53,6 +53,12 @@ class QuantConfig:
         gptq: GPTQ weight quantization (error compensation with the calibration Hessian) instead of
             round-to-nearest; ``gptq_act_order``, ``gptq_damp`` (fraction of the mean Hessian
             diagonal added) and ``gptq_block_size`` (columns per lazy batch) as in the GPTQ paper.
+        gptq_act_aware: with GPTQ and per-token dynamic activations, the strength in [0, 1] with which
+            GPTQ compensates the activations' quantization: the observers quantize each calibration
+            input as the deployed model will, and GPTQ minimizes ``s * ||X W^T - Q(X) Wq^T||^2 +
+            (1 - s) * ||Q(X) W^T - Q(X) Wq^T||^2`` (``qmath.input_aware_weight``); None = plain
+            GPTQ on ``X``. Static activations or smoothing (ranges or scales only known after
+            calibration) fall back to plain GPTQ with a warning.
         skip: module-path patterns (fnmatch) of Linears left entirely in float.
         seed / kmeans_n_init: k-means determinism.
         calib_batch_size: sequences per calibration forward.
@@ -77,6 +83,7 @@ class QuantConfig:
     gptq_act_order: bool = True
     gptq_damp: float = 0.01
     gptq_block_size: int = 128
+    gptq_act_aware: float | None = 0.5
     skip: list[str] = field(default_factory=lambda: ["lm_head"])
     seed: int = 0
     kmeans_n_init: int = 4
@@ -128,6 +135,9 @@ class QuantConfig:
         for key in ("a_symmetric", "a_dynamic", "gptq", "gptq_act_order", "w_clip"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"config key {key!r} must be true or false, got {getattr(self, key)!r}")
+        aa = self.gptq_act_aware
+        if aa is not None and (not isinstance(aa, (int, float)) or isinstance(aa, bool) or not 0 <= aa <= 1):
+            raise ConfigError(f"config key 'gptq_act_aware' must be in [0, 1] or null, got {aa!r}")
         d = self.gptq_damp
         if not isinstance(d, (int, float)) or isinstance(d, bool) or not 0 <= d < 1:
             raise ConfigError(f"config key 'gptq_damp' must be in [0, 1), got {d!r}")

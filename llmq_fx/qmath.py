@@ -28,6 +28,7 @@ __all__ = [
     "dynamic_fake_quantize",
     "dequantize_weight",
     "gptq_quantize_weight",
+    "input_aware_weight",
     "SCALE_EPS",
 ]
 
@@ -307,6 +308,50 @@ def gptq_quantize_weight(
     if act_order:
         codes = codes[:, torch.argsort(perm)]
     return codes.to(torch.int8), scale
+
+
+def input_aware_weight(
+    weight: torch.Tensor, hessian_q: torch.Tensor, cross: torch.Tensor, strength: float, damp: float = 0.01
+) -> torch.Tensor:
+    """The float weight GPTQ should round when the layer will read quantized inputs ``Xq = Q(X)``.
+
+    With ``Hq = Xq^T Xq`` and ``C = Xq^T X`` (any common positive multiple, e.g. means over tokens),
+    returns the minimizer of
+
+        strength * ||X W^T - Xq V^T||^2 + (1 - strength) * ||Xq W^T - Xq V^T||^2
+
+    over float ``V``: the first term is the layer's true output error once its input is quantized,
+    the second keeps the layer's own function on those inputs (strength 0 returns ``W``). Setting
+    the gradient to zero gives ``Hq V^T = strength * C W^T + (1 - strength) * Hq W^T``, so
+
+        V = W + strength * (W C^T Hq^-1 - W),
+
+    and for any integer weight ``Wq`` the objective is ``tr((V - Wq) Hq (V - Wq)^T)`` plus a
+    constant: GPTQ of ``V`` with Hessian ``Hq`` minimizes it (as GPTAQ, Li et al. 2025, does for
+    the quantized model's inputs; here ``Q`` is the layer's own per-token activation quantizer on
+    the float model's inputs). ``damp * mean(diag Hq)`` is added to ``Hq``'s diagonal for the solve,
+    as in GPTQ; rows of ``Hq`` that are all zero (dead inputs) leave those columns of ``W`` as they are.
+
+    Computed in float64 on ``weight``'s device; returned as float32.
+    """
+    out_features, in_features = weight.shape
+    for name, m in (("hessian_q", hessian_q), ("cross", cross)):
+        if m.shape != (in_features, in_features):
+            raise ValueError(f"{name} shape {tuple(m.shape)} does not match in_features={in_features}")
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be in [0, 1], got {strength}")
+    w = weight.detach().to(torch.float64)
+    if strength == 0.0:
+        return w.to(torch.float32)
+    h = hessian_q.detach().to(device=w.device, dtype=torch.float64).clone()
+    c = cross.detach().to(device=w.device, dtype=torch.float64)
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    h += damp * torch.diagonal(h).mean() * torch.eye(in_features, dtype=h.dtype, device=h.device)
+    # Hq symmetric: (W C^T Hq^-1)^T = Hq^-1 C W^T, one solve for all rows.
+    target = torch.linalg.solve(h, c @ w.T).T
+    target[:, dead] = w[:, dead]
+    return (w + strength * (target - w)).to(torch.float32)
 
 
 def _upper_cholesky_of_inverse(h: torch.Tensor, damp: float) -> torch.Tensor:

@@ -15,6 +15,7 @@ from llmq_fx.calibrate import calibrate
 from llmq_fx.config import QuantConfig
 from llmq_fx.errors import UnsupportedModelError
 from llmq_fx.passes import GroupChannelsPass, InsertObserversPass, InsertQDQPass, SmoothPass
+from llmq_fx.stats import InputQuantizer
 
 __all__ = ["quantize"]
 
@@ -74,7 +75,8 @@ def quantize(
         logger.info("stage %s: %.2f s", "rotate", rotate_s)
 
     w_gptq = config.gptq and config.w_bits is not None
-    stages = [("observe", lambda: InsertObserversPass(hessian=w_gptq)(qgm))]
+    act_aware, input_quant = _act_aware_gptq(config, meta) if w_gptq else (None, None)
+    stages = [("observe", lambda: InsertObserversPass(hessian=w_gptq, input_quant=input_quant)(qgm))]
     stages.append(("calibrate", lambda: meta.__setitem__("calib_tokens", calibrate(qgm, calib, config.calib_batch_size, progress))))
     if config.smooth_alpha is not None and config.smooth_sites:
         stages.append(("smooth", lambda: SmoothPass(config.smooth_alpha, config.smooth_sites, config.skip)(qgm)))
@@ -85,7 +87,7 @@ def quantize(
 
         stages.append(("gptq", lambda: GPTQPass(
             config.w_bits, w_group_size=config.w_group_size, act_order=config.gptq_act_order, damp=config.gptq_damp,
-            block_size=config.gptq_block_size, skip=config.skip, clip=config.w_clip,
+            block_size=config.gptq_block_size, skip=config.skip, clip=config.w_clip, act_aware=act_aware,
         )(qgm)))
     stages.append(("quantize", lambda: InsertQDQPass(
         config.w_bits, config.a_bits, w_group_size=config.w_group_size, a_symmetric=config.a_symmetric,
@@ -102,3 +104,28 @@ def quantize(
         timings[name] = time.perf_counter() - t0
         logger.info("stage %s: %.2f s", name, timings[name])
     return qgm
+
+
+def _act_aware_gptq(config: QuantConfig, meta: dict) -> tuple[float | None, InputQuantizer | None]:
+    """``(strength, quantizer)`` for activation-aware GPTQ, or ``(None, None)`` for plain GPTQ.
+
+    The observers can only quantize calibration inputs as the deployed model will when that
+    quantizer is fixed before calibration: per-token dynamic ranges, and no smoothing (its scales
+    are computed from the statistics afterwards and change the quantizer's input). Otherwise plain
+    GPTQ runs; the reason is logged and kept in ``meta["gptq_act_aware_skipped"]``.
+    """
+    if config.gptq_act_aware is None:
+        return None, None
+    reason = None
+    if config.a_bits is None:
+        reason = "activations are not quantized (a_bits is null)"
+    elif not config.a_dynamic:
+        reason = "static activation ranges are only known after calibration (a_dynamic is false)"
+    elif config.smooth_alpha is not None and config.smooth_sites:
+        reason = "smoothing rescales the activations after calibration (smooth_alpha is set)"
+    meta["gptq_act_aware_skipped"] = reason
+    if reason is not None:
+        logger.warning("gptq_act_aware=%s: plain GPTQ instead, %s", config.gptq_act_aware, reason)
+        return None, None
+    quantizer = InputQuantizer(config.a_bits, config.a_symmetric, config.a_clip_ratio, config.a_group_size or 0)
+    return float(config.gptq_act_aware), quantizer

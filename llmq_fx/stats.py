@@ -9,6 +9,12 @@ With ``hessian=True`` (for GPTQ) it also accumulates the input's second-moment m
 ``sum_t x_t^T x_t`` ([C, C], float32, one matmul per batch on the input's device). Divided by the
 token count it is ``X^T X / N``, half the Hessian of the layer's mean squared output error with
 respect to a weight row; GPTQ's updates do not depend on that factor.
+
+With an ``input_quant`` (the per-token dynamic quantizer the site's Linears will read through, known
+before calibration because it needs no statistics) the observer quantizes each batch itself and
+records, instead, the moments GPTQ needs to account for that quantization: ``hessian`` is
+``sum_t q_t^T q_t`` of the quantized input ``q = Q(x)`` and ``cross`` is ``sum_t q_t^T x_t``
+(``qmath.input_aware_weight`` says what they are for). Per-channel statistics stay those of ``x``.
 """
 
 from __future__ import annotations
@@ -18,9 +24,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from llmq_fx import qmath
 from llmq_fx.errors import StatisticsError
 
-__all__ = ["ChannelStats", "WeightStats", "weight_stats", "ActivationObserver"]
+__all__ = ["ChannelStats", "WeightStats", "weight_stats", "ActivationObserver", "InputQuantizer"]
 
 
 @dataclass(frozen=True)
@@ -56,17 +63,37 @@ def weight_stats(weight: torch.Tensor) -> WeightStats:
     return WeightStats(w.abs().amax(dim=0), w.amin(dim=1), w.amax(dim=1))
 
 
+@dataclass(frozen=True)
+class InputQuantizer:
+    """A per-token dynamic activation quantizer (``qmath.dynamic_fake_quantize``'s arguments)."""
+
+    bits: int
+    symmetric: bool = False
+    clip_ratio: float = 1.0
+    group_size: int = 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return qmath.dynamic_fake_quantize(x, self.bits, self.symmetric, self.clip_ratio, self.group_size)
+
+
 class ActivationObserver(nn.Module):
     """Identity module that records per-channel min/max/mean/std of its input's last dimension.
 
     ``hessian=True`` also records ``X^T X`` over all tokens (buffer ``hessian``, [C, C] float32);
     without it the buffers are exactly the statistics ones, so saved observers keep loading.
+    ``input_quant`` (needs ``hessian=True``) makes ``hessian`` ``Q(X)^T Q(X)`` and adds ``cross`` =
+    ``Q(X)^T X`` ([C, C] float32).
     """
 
-    def __init__(self, num_channels: int, hessian: bool = False):
+    def __init__(self, num_channels: int, hessian: bool = False, input_quant: InputQuantizer | None = None):
         super().__init__()
+        if input_quant is not None and not hessian:
+            raise ValueError("input_quant needs hessian=True")
+        if input_quant is not None and input_quant.group_size and num_channels % input_quant.group_size:
+            raise ValueError(f"activation group size {input_quant.group_size} does not divide {num_channels} channels")
         self.num_channels = num_channels
         self.track_hessian = hessian
+        self.input_quant = input_quant
         self.register_buffer("count", torch.zeros((), dtype=torch.float64))
         self.register_buffer("min_val", torch.full((num_channels,), float("inf"), dtype=torch.float64))
         self.register_buffer("max_val", torch.full((num_channels,), float("-inf"), dtype=torch.float64))
@@ -76,6 +103,8 @@ class ActivationObserver(nn.Module):
         self.register_buffer("smoothing_scale", torch.ones(num_channels, dtype=torch.float64))
         if hessian:
             self.register_buffer("hessian", torch.zeros(num_channels, num_channels, dtype=torch.float32))
+        if input_quant is not None:
+            self.register_buffer("cross", torch.zeros(num_channels, num_channels, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.num_channels:
@@ -91,7 +120,11 @@ class ActivationObserver(nn.Module):
         # One batch's moments in float32 around its own mean (no catastrophic cancellation, and
         # float32 keeps calibration close to the cost of the forward pass); batches merge in float64.
         flat = flat.float()
-        if self.track_hessian:
+        if self.input_quant is not None:
+            q = self.input_quant(flat)
+            self.hessian.addmm_(q.T, q)
+            self.cross.addmm_(q.T, flat)
+        elif self.track_hessian:
             # A sum, not a running mean: one addmm per batch and no host sync; hessian_matrix() divides.
             self.hessian.addmm_(flat.T, flat)
         bmin, bmax = torch.aminmax(flat, dim=0)
@@ -116,16 +149,26 @@ class ActivationObserver(nn.Module):
         return ChannelStats(count, self.min_val.clone(), self.max_val.clone(), self.mean.clone(), var.sqrt())
 
     def hessian_matrix(self) -> torch.Tensor:
-        """Mean ``X^T X / N`` over all calibration tokens (float32 [C, C], on the observer's device).
+        """Mean ``X^T X / N`` over all calibration tokens (float32 [C, C], on the observer's device);
+        with ``input_quant`` it is ``Q(X)^T Q(X) / N``.
 
         Raises ``StatisticsError`` when the observer was built without ``hessian=True`` or saw no tokens.
         """
         if not self.track_hessian:
             raise StatisticsError("observer has no Hessian: insert observers with InsertObserversPass(hessian=True)")
+        return self.hessian / self._token_count()
+
+    def cross_matrix(self) -> torch.Tensor:
+        """Mean ``Q(X)^T X / N`` (float32 [C, C]); needs an observer built with ``input_quant``."""
+        if self.input_quant is None:
+            raise StatisticsError("observer has no cross moments: insert observers with an input quantizer")
+        return self.cross / self._token_count()
+
+    def _token_count(self) -> int:
         count = int(self.count.item())
         if count == 0:
             raise StatisticsError("observer saw no tokens, its Hessian is empty")
-        return self.hessian / count
+        return count
 
     @torch.no_grad()
     def scale_channels(self, s: torch.Tensor) -> None:
@@ -138,6 +181,12 @@ class ActivationObserver(nn.Module):
         s = s.to(self.mean)
         if torch.any(s <= 0):
             raise ValueError("smoothing scales must be positive")
+        if self.input_quant is not None:
+            # Q(x / s) is not Q(x) / s: the recorded moments of the quantized input cannot follow.
+            raise StatisticsError(
+                "cannot rescale an observer that recorded moments of its quantized input (input_quant): "
+                "smoothing changes what the quantizer sees; calibrate again after smoothing"
+            )
         self.min_val /= s
         self.max_val /= s
         self.mean /= s
@@ -147,4 +196,5 @@ class ActivationObserver(nn.Module):
         self.smoothing_scale *= s
 
     def extra_repr(self) -> str:
-        return f"channels={self.num_channels}, tokens={int(self.count.item())}"
+        extra = f", input_quant={self.input_quant}" if self.input_quant is not None else ""
+        return f"channels={self.num_channels}, tokens={int(self.count.item())}{extra}"

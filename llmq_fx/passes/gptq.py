@@ -21,9 +21,18 @@ The Hessians come from the float model (inputs of the unquantized upstream layer
 layer from the already-quantized model as in the paper's sequential variant: one calibration pass
 serves every stage of the pipeline.
 
+Activation-aware (``act_aware`` = strength in [0, 1]): at W4A4 the Linear reads ``Q(X)``, not ``X``.
+With per-token dynamic activations ``Q`` needs no statistics, so the observers (inserted with an
+``input_quant``) apply it during calibration and record ``Hq = Q(X)^T Q(X)`` and ``C = Q(X)^T X``.
+This pass then rounds ``V = W + strength * (W C^T Hq^-1 - W)`` with Hessian ``Hq``
+(``qmath.input_aware_weight``): the minimizer of ``strength * ||X W^T - Q(X) Wq^T||^2 +
+(1 - strength) * ||Q(X) W^T - Q(X) Wq^T||^2``, the true output error once activations are quantized
+blended with the plain GPTQ objective on the quantized inputs. Strength 0 is GPTQ on ``Q(X)``.
+
 ``gm.meta["llmq_fx"]["gptq"][path]`` records, per Linear, the relative output-error proxy
 ``tr((W - Wq) H (W - Wq)^T) / tr(W H W^T)`` of round-to-nearest and of GPTQ (with the same bits and
-scale layout), so the gain is visible per layer.
+scale layout), so the gain is visible per layer. Activation-aware, ``W`` there is the target ``V``
+and ``H`` is ``Hq``; ``target_shift`` is the same measure between ``W`` and ``V``.
 """
 
 from __future__ import annotations
@@ -64,6 +73,8 @@ class GPTQPass(PassBase):
         block_size: columns per lazy batch update.
         skip: module-path patterns of Linears left in float.
         clip: search each row's (group's) clipping ratio for its scale (``qmath.weight_scale``).
+        act_aware: None for plain GPTQ on ``X^T X``; a strength in [0, 1] to compensate the
+            activation quantization the observers applied (observers inserted with ``input_quant``).
 
     Example:
         >>> InsertObserversPass(hessian=True)(gm); calibrate(gm, calib_ids); SmoothPass(0.5, ["qkv"])(gm)
@@ -72,8 +83,12 @@ class GPTQPass(PassBase):
     """
 
     def __init__(self, w_bits: int, w_group_size: int | None = None, act_order: bool = True, damp: float = 0.01,
-                 block_size: int = 128, skip: list[str] | None = None, clip: bool = False):
+                 block_size: int = 128, skip: list[str] | None = None, clip: bool = False,
+                 act_aware: float | None = None):
         super().__init__()
+        if act_aware is not None and not 0.0 <= act_aware <= 1.0:
+            raise ConfigError(f"config key 'gptq_act_aware' must be in [0, 1] or null, got {act_aware!r}")
+        self.act_aware = act_aware
         self.clip = clip
         self.w_bits = w_bits
         self.w_group_size = w_group_size
@@ -91,8 +106,9 @@ class GPTQPass(PassBase):
             if not linears:
                 continue
             hessian = self._site_hessian(site)
+            cross = self._site_cross(site) if self.act_aware is not None else None
             for linear in linears:
-                records[module_path(linear)] = self._quantize_linear(gm, linear, hessian, site.name)
+                records[module_path(linear)] = self._quantize_linear(gm, linear, hessian, site.name, cross)
                 modified = True
         gm.graph.eliminate_dead_code()
         gm.graph.lint()
@@ -110,7 +126,16 @@ class GPTQPass(PassBase):
         except StatisticsError as err:
             raise StatisticsError(f"observer node {site.observer.name} ({site.name}): {err}") from err
 
-    def _quantize_linear(self, gm: fx.GraphModule, linear: fx.Node, hessian: torch.Tensor, site_name: str) -> dict:
+    def _site_cross(self, site) -> torch.Tensor:
+        if getattr(site.module, "input_quant", None) is None:
+            raise StatisticsError(
+                f"observer node {site.observer.name} ({site.name}) did not quantize its input during calibration: "
+                "activation-aware GPTQ needs observers inserted with InsertObserversPass(input_quant=...)"
+            )
+        return site.module.cross_matrix()
+
+    def _quantize_linear(self, gm: fx.GraphModule, linear: fx.Node, hessian: torch.Tensor, site_name: str,
+                         cross: torch.Tensor | None = None) -> dict:
         path = module_path(linear)
         w_node = linear.args[1]
         if not (isinstance(w_node, fx.Node) and w_node.op == "get_attr"):
@@ -121,6 +146,9 @@ class GPTQPass(PassBase):
                 f"config key 'w_group_size'={self.w_group_size} does not divide in_features={weight.shape[1]} of {path}"
             )
         t0 = time.perf_counter()
+        original = weight
+        if cross is not None:
+            weight = qmath.input_aware_weight(weight, hessian, cross, self.act_aware, self.damp)
         try:
             qweight, scale = qmath.gptq_quantize_weight(
                 weight, hessian, self.w_bits, self.w_group_size, self.act_order, self.damp, self.block_size, self.clip
@@ -139,8 +167,11 @@ class GPTQPass(PassBase):
                 "act_order": self.act_order,
                 "damp": self.damp,
                 "clip": self.clip,
+                "act_aware": self.act_aware,
                 "seconds": seconds,
             }
+            if cross is not None:
+                record["target_shift"] = output_error(original, weight, hessian)
         insert_weight_dequant(gm, linear, path, qweight, scale, self.w_bits)
         logger.info("gptq %s: relative output error %.4g (round-to-nearest %.4g)",
                     path, record["gptq_error"], record["rtn_error"])

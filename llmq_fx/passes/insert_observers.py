@@ -7,6 +7,10 @@ Rewrite: one ``call_module`` node of an ``ActivationObserver`` per group, placed
 producer and the group's Linears (other users of the producer, such as a residual add, keep the
 raw value). The observer's node meta records the site's name, its consumer module paths and its
 role (qkv / out_proj / fc1 / fc2 / other) read from the graph.
+
+With ``input_quant`` (a ``stats.InputQuantizer``: the per-token dynamic activation quantizer the
+Linears will later read through) the observers also record the moments of the quantized input that
+GPTQ needs to compensate for activation quantization (``GPTQPass(act_aware=...)``).
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ import re
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from llmq_fx.errors import ConfigError
 from llmq_fx.graph import attr, linear_nodes, module_path, site_role
-from llmq_fx.stats import ActivationObserver
+from llmq_fx.stats import ActivationObserver, InputQuantizer
 
 __all__ = ["InsertObserversPass", "OBSERVER_PREFIX"]
 
@@ -30,12 +35,14 @@ OBSERVER_PREFIX = "llmq_observer_"
 class InsertObserversPass(PassBase):
     """Insert one streaming statistics observer per distinct Linear input.
 
-    ``hessian=True`` makes every observer also accumulate ``X^T X`` (for GPTQ).
+    ``hessian=True`` makes every observer also accumulate ``X^T X`` (for GPTQ); with ``input_quant``
+    it accumulates ``Q(X)^T Q(X)`` and ``Q(X)^T X`` instead (implies ``hessian``).
     """
 
-    def __init__(self, hessian: bool = False):
+    def __init__(self, hessian: bool = False, input_quant: InputQuantizer | None = None):
         super().__init__()
-        self.hessian = hessian
+        self.hessian = hessian or input_quant is not None
+        self.input_quant = input_quant
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         groups: dict[fx.Node, list[fx.Node]] = {}
@@ -47,7 +54,13 @@ class InsertObserversPass(PassBase):
             paths = [module_path(c) for c in consumers]
             name = paths[0] if len(paths) == 1 else _group_name(paths)
             target = OBSERVER_PREFIX + re.sub(r"_+", "_", re.sub(r"[^0-9A-Za-z_]", "_", name)).strip("_")
-            gm.add_submodule(target, ActivationObserver(in_features, hessian=self.hessian).to(weight.device))
+            group = self.input_quant.group_size if self.input_quant is not None else 0
+            if group and in_features % group:
+                raise ConfigError(
+                    f"config key 'a_group_size'={group} does not divide the {in_features} input channels of {name}"
+                )
+            observer = ActivationObserver(in_features, hessian=self.hessian, input_quant=self.input_quant)
+            gm.add_submodule(target, observer.to(weight.device))
             with gm.graph.inserting_after(producer):
                 obs = gm.graph.call_module(target, (producer,))
             obs.meta["llmq_site"] = {"name": name, "consumers": paths, "role": site_role(producer, consumers)}
