@@ -38,8 +38,11 @@ class QuantConfig:
             norm, ``fc2`` into fc1's output rows (ReLU), ``out_proj`` into v_proj's output rows.
         n_clusters: activation clusters per site, an int or a dict by role (1 = per tensor).
         cluster_features: ``minmax`` (RPTQ) or ``maxstd`` (absmax, std) k-means features.
-        a_group_size: with ``a_dynamic``, channels per dynamic range: each token is split into groups of
-            that many consecutive channels, each with its own scale/zero point; None = one per token.
+        a_group_size: with ``a_dynamic``, channels per dynamic range: each token of a site wider than
+            this, and divisible by it, is split into groups of that many consecutive channels, each
+            with its own scale/zero point; other sites (narrower, or not divisible: a warning) keep
+            one range per token, as every site does with None. Static activations are grouped by
+            ``n_clusters`` instead and ignore it.
         a_clip_ratio: factor in (0, 1] applied to every activation range (static cluster min/max or
             dynamic per-token min/max) before its scale is computed; values beyond saturate.
         w_clip: search each weight row's (group's) clipping ratio minimizing its rounding error
@@ -73,7 +76,7 @@ class QuantConfig:
     smooth_sites: list[str] = field(default_factory=lambda: ["qkv", "fc1", "fc2", "out_proj"])
     n_clusters: int | dict[str, int] = 8
     cluster_features: str = "minmax"
-    a_group_size: int | None = None
+    a_group_size: int | None = 64
     a_clip_ratio: float = 0.9
     w_clip: bool = True
     a_outlier_bits: int | None = None
@@ -122,11 +125,6 @@ class QuantConfig:
         ag = self.a_group_size
         if ag is not None and (not isinstance(ag, int) or isinstance(ag, bool) or ag < 1):
             raise ConfigError(f"config key 'a_group_size' must be a positive integer or null, got {ag!r}")
-        if ag is not None and not self.a_dynamic:
-            raise ConfigError(
-                "config key 'a_group_size' needs 'a_dynamic': true (static activations are grouped by "
-                "'n_clusters' instead)"
-            )
         c = self.a_clip_ratio
         if not isinstance(c, (int, float)) or isinstance(c, bool) or not 0 < c <= 1:
             raise ConfigError(f"config key 'a_clip_ratio' must be in (0, 1], got {c!r}")

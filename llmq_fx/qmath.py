@@ -26,6 +26,7 @@ __all__ = [
     "fake_quantize",
     "quantize_weight",
     "dynamic_fake_quantize",
+    "activation_group",
     "dequantize_weight",
     "gptq_quantize_weight",
     "input_aware_weight",
@@ -101,6 +102,18 @@ def fake_quantize(
     z = _broadcast(zero_point.to(torch.float32), x, axis)
     q = (torch.round(x.to(torch.float32) / s) + z).clamp(qmin, qmax)
     return ((q - z) * s).to(x.dtype)
+
+
+def activation_group(channels: int, group_size: int | None) -> int:
+    """Channels per dynamic activation range at a site of ``channels`` inputs (0 = one range per token).
+
+    A site wider than ``group_size`` and divisible by it is split into groups of ``group_size``
+    channels; any other site (as narrow or narrower, or not divisible) keeps one range per token.
+    The passes that build and calibrate the quantizer both ask this function, so they agree.
+    """
+    if not group_size or channels <= group_size or channels % group_size:
+        return 0
+    return group_size
 
 
 def dynamic_fake_quantize(

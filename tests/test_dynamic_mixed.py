@@ -6,6 +6,8 @@ widths recomputed from the recorded channel statistics, logits from running the 
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -293,10 +295,30 @@ def test_grouped_dynamic_model_exports_and_matches_pytorch(opt_gm, calib, eval_i
         assert (grouped(eval_ids) - ref).pow(2).mean() < (per_token(eval_ids) - ref).pow(2).mean()
 
 
+def test_group_size_is_an_upper_bound_per_site(opt_gm, calib):
+    # hidden 32 (q/k/v, out_proj, fc1 inputs), ffn 64 (fc2 input): groups of 32 split only fc2's input
+    qgm = llmq_fx.quantize(opt_gm, calib, llmq_fx.QuantConfig(a_group_size=32), progress=False)
+    groups = {n.meta["llmq_site"]["role"]: n.args[4] for n in qgm.graph.nodes if n.target == QDQ_DYNAMIC}
+    assert groups == {"qkv": 0, "out_proj": 0, "fc1": 0, "fc2": 32}
+    rows = {r["module"]: r for r in llmq_fx.summary(qgm)}
+    assert rows["model.decoder.layers.0.fc2"]["clusters"] == "per-token/32"
+    assert rows["model.decoder.layers.0.fc1"]["clusters"] == "per-token"
+    # static activations are grouped by n_clusters; a_group_size does not apply to them
+    static = llmq_fx.quantize(opt_gm, calib, static_config(a_group_size=16), progress=False)
+    assert not any(n.target == QDQ_DYNAMIC for n in static.graph.nodes)
+
+
 def test_group_size_errors(opt_gm, calib):
-    with pytest.raises(ConfigError, match="a_group_size.*a_dynamic"):
-        llmq_fx.QuantConfig(a_dynamic=False, a_group_size=16)
     with pytest.raises(ConfigError, match="a_group_size"):
         llmq_fx.QuantConfig(a_dynamic=True, a_group_size=0)
-    with pytest.raises(ConfigError, match=r"a_group_size'=12 does not divide the 32 input channels"):
-        llmq_fx.quantize(opt_gm, calib, llmq_fx.QuantConfig(a_dynamic=True, a_group_size=12), progress=False)
+
+
+
+def test_group_size_that_does_not_divide_a_site_keeps_it_per_token(opt_gm, calib, caplog):
+    # 24 divides neither the 32 channels of the q/k/v, out_proj and fc1 inputs nor fc2's 64
+    with caplog.at_level(logging.WARNING, logger="llmq_fx.passes.insert_qdq"):
+        qgm = llmq_fx.quantize(opt_gm, calib, llmq_fx.QuantConfig(a_group_size=24), progress=False)
+    assert all(n.args[4] == 0 for n in qgm.graph.nodes if n.target == QDQ_DYNAMIC)
+    warned = [r.getMessage() for r in caplog.records if "does not divide" in r.getMessage()]
+    assert len(warned) == N_SITES  # every quantized site once (lm_head is skipped: no QDQ)
+    assert any("a_group_size=24 does not divide the 64 input channels of model.decoder.layers.0.fc2" in m for m in warned)

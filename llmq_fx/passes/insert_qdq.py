@@ -8,7 +8,9 @@ Rewrite:
   computed from the cluster's min/max (``qmath.minmax_scale_zero_point``). Skipped consumers read
   the raw producer; with ``a_bits=None`` the observer is simply removed. With ``a_dynamic`` it is
   ``llmq.quantize_dequantize_dynamic(x, bits, symmetric, clip_ratio, group_size)`` instead: ranges
-  computed at run time per token (per ``a_group_size`` channels of a token if set).
+  computed at run time per token, or per ``a_group_size`` channels of a token at sites wider than
+  that which it divides (``qmath.activation_group``; a site it does not divide stays per token,
+  with a warning).
   ``a_clip_ratio`` < 1 shrinks every range (static cluster or dynamic token) by that factor.
 * mixed precision (``a_outlier_bits``) -- the ``a_outlier_clusters`` clusters of widest calibrated
   range (``max - min`` over the cluster's channels) are quantized at ``a_outlier_bits``, the rest at
@@ -115,7 +117,7 @@ class InsertQDQPass(PassBase):
                     "w_group_size": self.w_group_size if w_bits is not None else None,
                     "a_bits": self.a_bits if (is_q and qdq is not None) else None,
                     "clusters": (
-                        (self._dynamic_label() if self.a_dynamic else meta.get("clusters")) if (is_q and qdq is not None) else None
+                        (_dynamic_label(qdq) if self.a_dynamic else meta.get("clusters")) if (is_q and qdq is not None) else None
                     ),
                     "a_effective_bits": (
                         qdq.meta["llmq_site"]["a_effective_bits"] if (is_q and qdq is not None) else None
@@ -204,22 +206,20 @@ class InsertQDQPass(PassBase):
         z_node = graph.get_attr(f"{name}_zero_point")
         return graph.call_function(torch.ops.llmq.quantize_dequantize.default, (x, s_node, z_node, qmin, qmax))
 
-    def _dynamic_label(self) -> str:
-        return f"per-token/{self.a_group_size}" if self.a_group_size else "per-token"
-
     def _dynamic_qdq(self, gm: fx.GraphModule, site) -> fx.Node:
-        group = self.a_group_size or 0
         channels = site.module.stats().num_channels
-        if group and channels % group:
-            raise ConfigError(
-                f"config key 'a_group_size'={group} does not divide the {channels} input channels of "
-                f"{site.name} (observer node {site.observer.name})"
+        group = qmath.activation_group(channels, self.a_group_size)
+        if self.a_group_size and channels > self.a_group_size and not group:
+            logger.warning(
+                "a_group_size=%d does not divide the %d input channels of %s (observer node %s): one range per token there",
+                self.a_group_size, channels, site.name, site.observer.name,
             )
         args = (site.producer, self.a_bits, self.a_symmetric, self.a_clip_ratio, group)
         with gm.graph.inserting_after(site.observer):
             qdq = gm.graph.call_function(torch.ops.llmq.quantize_dequantize_dynamic.default, args)
         qdq.meta["llmq_site"] = dict(
-            site.observer.meta.get("llmq_site", {}), a_bits=self.a_bits, dynamic=True, a_effective_bits=float(self.a_bits)
+            site.observer.meta.get("llmq_site", {}), a_bits=self.a_bits, dynamic=True, a_effective_bits=float(self.a_bits),
+            a_group_size=group or None,
         )
         for key in ("val", "nn_module_stack"):
             if key in site.producer.meta:
@@ -237,6 +237,11 @@ class InsertQDQPass(PassBase):
             )
         qweight, scale = qmath.quantize_weight(weight, self.w_bits, self.w_group_size, self.w_clip)
         insert_weight_dequant(gm, linear, path, qweight, scale, self.w_bits)
+
+
+def _dynamic_label(qdq: fx.Node) -> str:
+    group = qdq.meta["llmq_site"].get("a_group_size")
+    return f"per-token/{group}" if group else "per-token"
 
 
 def is_integer_weight(node) -> bool:
