@@ -360,9 +360,9 @@ def input_aware_weight(
     c = cross.detach().to(device=w.device, dtype=torch.float64)
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
-    h += damp * torch.diagonal(h).mean() * torch.eye(in_features, dtype=h.dtype, device=h.device)
-    # Hq symmetric: (W C^T Hq^-1)^T = Hq^-1 C W^T, one solve for all rows.
-    target = torch.linalg.solve(h, c @ w.T).T
+    h.diagonal().add_(damp * torch.diagonal(h).mean())
+    # Hq symmetric positive definite: (W C^T Hq^-1)^T = Hq^-1 C W^T, one Cholesky solve for all rows.
+    target = torch.cholesky_solve(c @ w.T, torch.linalg.cholesky(h)).T
     target[:, dead] = w[:, dead]
     return (w + strength * (target - w)).to(torch.float32)
 

@@ -164,6 +164,17 @@ class ActivationObserver(nn.Module):
             raise StatisticsError("observer has no cross moments: insert observers with an input quantizer")
         return self.cross / self._token_count()
 
+    def release_moments(self) -> None:
+        """Drop the [C, C] second-moment buffers once GPTQ has used them (the channel statistics stay).
+
+        On an opt-6.7b the Hessians and cross moments of all sites together take about 77 GB.
+        """
+        for name in ("hessian", "cross"):
+            if name in self._buffers:
+                del self._buffers[name]
+        self.track_hessian = False
+        self.input_quant = None
+
     def _token_count(self) -> int:
         count = int(self.count.item())
         if count == 0:

@@ -10,6 +10,7 @@ import torch
 import llmq_fx
 from llmq_fx import qmath
 from llmq_fx.calibrate import calibrate
+from llmq_fx.graph import observer_sites
 from llmq_fx.passes import GPTQPass, InsertObserversPass
 from llmq_fx.stats import ActivationObserver, InputQuantizer
 from conftest import static_config
@@ -134,3 +135,17 @@ def test_act_aware_config_errors(opt_gm, calib):
         GPTQPass(4, act_aware=0.5)(g)
     with pytest.raises(llmq_fx.ConfigError, match="gptq_act_aware"):
         GPTQPass(4, act_aware=2.0)
+
+
+def test_gptq_releases_each_sites_moments_once_used(opt_gm, calib):
+    g = copy.deepcopy(opt_gm)
+    InsertObserversPass(input_quant=InputQuantizer(4, False, 0.9))(g)
+    calibrate(g, calib, progress=False)
+    sites = observer_sites(g)
+    assert all({"hessian", "cross"} <= dict(s.module.named_buffers()).keys() for s in sites)
+    GPTQPass(4, act_aware=0.5, skip=["lm_head"])(g)
+    for s in sites:
+        buffers = dict(s.module.named_buffers())
+        quantized = any(p != "lm_head" for p in s.info["consumers"])
+        assert ("hessian" in buffers) == (not quantized), s.name  # lm_head's site was not used: kept
+        assert s.module.stats().count > 0  # the channel statistics stay for InsertQDQPass

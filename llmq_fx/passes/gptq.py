@@ -29,6 +29,9 @@ This pass then rounds ``V = W + strength * (W C^T Hq^-1 - W)`` with Hessian ``Hq
 (1 - strength) * ||Q(X) W^T - Q(X) Wq^T||^2``, the true output error once activations are quantized
 blended with the plain GPTQ objective on the quantized inputs. Strength 0 is GPTQ on ``Q(X)``.
 
+After a site's Linears are quantized its observer's [C, C] moment buffers are released
+(``ActivationObserver.release_moments``); its channel statistics stay for ``InsertQDQPass``.
+
 ``gm.meta["llmq_fx"]["gptq"][path]`` records, per Linear, the relative output-error proxy
 ``tr((W - Wq) H (W - Wq)^T) / tr(W H W^T)`` of round-to-nearest and of GPTQ (with the same bits and
 scale layout), so the gain is visible per layer. Activation-aware, ``W`` there is the target ``V``
@@ -110,6 +113,8 @@ class GPTQPass(PassBase):
             for linear in linears:
                 records[module_path(linear)] = self._quantize_linear(gm, linear, hessian, site.name, cross)
                 modified = True
+            del hessian, cross
+            site.module.release_moments()  # consumed; the next sites need the memory (opt-6.7b: ~77 GB in all)
         gm.graph.eliminate_dead_code()
         gm.graph.lint()
         gm.recompile()
