@@ -166,8 +166,7 @@ def config_short(cfg: dict | None) -> str:
     w = "float" if cfg["w_bits"] is None else f"W{cfg['w_bits']} " + (
         "per-channel" if cfg.get("w_group_size") is None else f"group {cfg['w_group_size']}") + (
         " GPTQ" if cfg.get("gptq") else " RTN") + (" clip-search" if cfg.get("w_clip") else "") + (
-        f" act-aware {cfg['gptq_act_aware']}" if cfg.get("gptq") and cfg.get("gptq_act_aware") is not None
-        and cfg.get("a_bits") and cfg.get("a_dynamic") and cfg.get("smooth_alpha") is None else "")
+        f" act-aware {cfg['gptq_act_aware']}" if QuantConfig.from_dict(cfg).act_aware_unavailable() is None else "")
     if cfg["a_bits"] is None:
         a = "A16"
     elif cfg.get("a_dynamic"):

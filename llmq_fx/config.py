@@ -151,6 +151,23 @@ class QuantConfig:
                 "static clusters, and per-token dynamic ranges have none"
             )
 
+    def act_aware_unavailable(self) -> str | None:
+        """Why ``gptq_act_aware`` cannot apply to this config (plain GPTQ then runs), or None when it applies.
+
+        The observers can only quantize calibration inputs as the deployed model will when that
+        quantizer is fixed before calibration: dynamic ranges, and no smoothing (its scales come
+        from the statistics afterwards and change the quantizer's input).
+        """
+        if self.gptq_act_aware is None or not self.gptq or self.w_bits is None:
+            return "GPTQ is off or not activation-aware"
+        if self.a_bits is None:
+            return "activations are not quantized (a_bits is null)"
+        if not self.a_dynamic:
+            return "static activation ranges are only known after calibration (a_dynamic is false)"
+        if self.smooth_alpha is not None and self.smooth_sites:
+            return "smoothing rescales the activations after calibration (smooth_alpha is set)"
+        return None
+
     def clusters_for(self, role: str) -> int:
         if isinstance(self.n_clusters, dict):
             return self.n_clusters.get(role, 1)

@@ -109,20 +109,12 @@ def quantize(
 def _act_aware_gptq(config: QuantConfig, meta: dict) -> tuple[float | None, InputQuantizer | None]:
     """``(strength, quantizer)`` for activation-aware GPTQ, or ``(None, None)`` for plain GPTQ.
 
-    The observers can only quantize calibration inputs as the deployed model will when that
-    quantizer is fixed before calibration: per-token dynamic ranges, and no smoothing (its scales
-    are computed from the statistics afterwards and change the quantizer's input). Otherwise plain
+    Where the config asks for it but it cannot apply (``QuantConfig.act_aware_unavailable``), plain
     GPTQ runs; the reason is logged and kept in ``meta["gptq_act_aware_skipped"]``.
     """
     if config.gptq_act_aware is None:
         return None, None
-    reason = None
-    if config.a_bits is None:
-        reason = "activations are not quantized (a_bits is null)"
-    elif not config.a_dynamic:
-        reason = "static activation ranges are only known after calibration (a_dynamic is false)"
-    elif config.smooth_alpha is not None and config.smooth_sites:
-        reason = "smoothing rescales the activations after calibration (smooth_alpha is set)"
+    reason = config.act_aware_unavailable()
     meta["gptq_act_aware_skipped"] = reason
     if reason is not None:
         logger.warning("gptq_act_aware=%s: plain GPTQ instead, %s", config.gptq_act_aware, reason)
