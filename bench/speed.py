@@ -329,7 +329,8 @@ def run_one(name: str, args, device: torch.device, save) -> None:
     floor = st["floor"]["seconds"]
     pipeline = sum(st[s]["seconds"] for s in PIPELINE if s in st)
     entry["summary"] = {"floor_s": floor, "pipeline_s": pipeline, "ratio": pipeline / floor,
-                        "calibrate_ratio": st["calibrate"]["seconds"] / floor}
+                        # Sequential GPTQ calibrates inside its gptq stage: no calibrate stage then.
+                        "calibrate_ratio": st["calibrate"]["seconds"] / floor if "calibrate" in st else None}
     save(name, entry)
 
     if not args.no_export:

@@ -62,6 +62,12 @@ class QuantConfig:
             (1 - s) * ||Q(X) W^T - Q(X) Wq^T||^2`` (``qmath.input_aware_weight``); None = plain
             GPTQ on ``X``. Static activations or smoothing (ranges or scales only known after
             calibration) fall back to plain GPTQ with a warning.
+        gptq_sequential: with activation-aware GPTQ, calibrate and quantize site by site in one
+            walk over the graph (``SequentialGPTQPass``): each site's Linears are rounded on the
+            inputs of the model quantized up to there, and fitted (with strength ``gptq_act_aware``)
+            to the float model's output. Two float forwards over the calibration set instead of one,
+            all batches' activations held at once. Where act-aware GPTQ does not apply, one-pass
+            GPTQ runs (``meta["gptq_sequential"]`` is then false).
         skip: module-path patterns (fnmatch) of Linears left entirely in float.
         seed / kmeans_n_init: k-means determinism.
         calib_batch_size: sequences per calibration forward.
@@ -87,6 +93,8 @@ class QuantConfig:
     gptq_damp: float = 0.01
     gptq_block_size: int = 128
     gptq_act_aware: float | None = 0.5
+    gptq_sequential: bool = False
+    a_clip_search: list[float] | None = None
     skip: list[str] = field(default_factory=lambda: ["lm_head"])
     seed: int = 0
     kmeans_n_init: int = 4
@@ -125,12 +133,18 @@ class QuantConfig:
         ag = self.a_group_size
         if ag is not None and (not isinstance(ag, int) or isinstance(ag, bool) or ag < 1):
             raise ConfigError(f"config key 'a_group_size' must be a positive integer or null, got {ag!r}")
+        cs = self.a_clip_search
+        if cs is not None and (
+            not isinstance(cs, (list, tuple)) or not cs
+            or not all(isinstance(r, (int, float)) and not isinstance(r, bool) and 0 < r <= 1 for r in cs)
+        ):
+            raise ConfigError(f"config key 'a_clip_search' must be a non-empty list of ratios in (0, 1] or null, got {cs!r}")
         c = self.a_clip_ratio
         if not isinstance(c, (int, float)) or isinstance(c, bool) or not 0 < c <= 1:
             raise ConfigError(f"config key 'a_clip_ratio' must be in (0, 1], got {c!r}")
         if not (isinstance(self.rotate, bool) or self.rotate == "auto"):
             raise ConfigError(f"config key 'rotate' must be true, false or \"auto\", got {self.rotate!r}")
-        for key in ("a_symmetric", "a_dynamic", "gptq", "gptq_act_order", "w_clip"):
+        for key in ("a_symmetric", "a_dynamic", "gptq", "gptq_act_order", "w_clip", "gptq_sequential"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"config key {key!r} must be true or false, got {getattr(self, key)!r}")
         aa = self.gptq_act_aware

@@ -76,8 +76,25 @@ def quantize(
 
     w_gptq = config.gptq and config.w_bits is not None
     act_aware, input_quant = _act_aware_gptq(config, meta) if w_gptq else (None, None)
-    stages = [("observe", lambda: InsertObserversPass(hessian=w_gptq, input_quant=input_quant)(qgm))]
-    stages.append(("calibrate", lambda: meta.__setitem__("calib_tokens", calibrate(qgm, calib, config.calib_batch_size, progress))))
+    sequential = input_quant is not None and config.gptq_sequential
+    meta["gptq_sequential"] = sequential
+    gptq_kwargs = dict(
+        w_group_size=config.w_group_size, act_order=config.gptq_act_order, damp=config.gptq_damp,
+        block_size=config.gptq_block_size, skip=config.skip, clip=config.w_clip,
+    )
+    if sequential:
+        from llmq_fx.passes.sequential_gptq import SequentialGPTQPass
+
+        # Calibration and GPTQ are one walk: each site is quantized on the quantized model's inputs.
+        stages = [("observe", lambda: InsertObserversPass()(qgm))]
+        stages.append(("gptq", lambda: SequentialGPTQPass(
+            calib, config.w_bits, input_quant, act_aware, config.calib_batch_size, progress,
+            clip_search=config.a_clip_search, **gptq_kwargs
+        )(qgm)))
+        w_gptq = False
+    else:
+        stages = [("observe", lambda: InsertObserversPass(hessian=w_gptq, input_quant=input_quant)(qgm))]
+        stages.append(("calibrate", lambda: meta.__setitem__("calib_tokens", calibrate(qgm, calib, config.calib_batch_size, progress))))
     if config.smooth_alpha is not None and config.smooth_sites:
         stages.append(("smooth", lambda: SmoothPass(config.smooth_alpha, config.smooth_sites, config.skip)(qgm)))
     if config.a_bits is not None and not config.a_dynamic:
@@ -85,10 +102,7 @@ def quantize(
     if w_gptq:
         from llmq_fx.passes.gptq import GPTQPass
 
-        stages.append(("gptq", lambda: GPTQPass(
-            config.w_bits, w_group_size=config.w_group_size, act_order=config.gptq_act_order, damp=config.gptq_damp,
-            block_size=config.gptq_block_size, skip=config.skip, clip=config.w_clip, act_aware=act_aware,
-        )(qgm)))
+        stages.append(("gptq", lambda: GPTQPass(config.w_bits, act_aware=act_aware, **gptq_kwargs)(qgm)))
     stages.append(("quantize", lambda: InsertQDQPass(
         config.w_bits, config.a_bits, w_group_size=config.w_group_size, a_symmetric=config.a_symmetric,
         skip=config.skip, a_dynamic=config.a_dynamic, a_outlier_bits=config.a_outlier_bits,

@@ -11,7 +11,9 @@ Rewrite:
   computed at run time per token, or per ``a_group_size`` channels of a token at sites wider than
   that which it divides (``qmath.activation_group``; a site it does not divide stays per token,
   with a warning).
-  ``a_clip_ratio`` < 1 shrinks every range (static cluster or dynamic token) by that factor.
+  ``a_clip_ratio`` < 1 shrinks every range (static cluster or dynamic token) by that factor; a
+  dynamic site whose observer meta carries its own ``a_clip_ratio`` (chosen by
+  ``SequentialGPTQPass``'s clip search) uses that one.
 * mixed precision (``a_outlier_bits``) -- the ``a_outlier_clusters`` clusters of widest calibrated
   range (``max - min`` over the cluster's channels) are quantized at ``a_outlier_bits``, the rest at
   ``a_bits``. The channels are *split*, not quantized twice and selected::
@@ -214,11 +216,13 @@ class InsertQDQPass(PassBase):
                 "a_group_size=%d does not divide the %d input channels of %s (observer node %s): one range per token there",
                 self.a_group_size, channels, site.name, site.observer.name,
             )
-        args = (site.producer, self.a_bits, self.a_symmetric, self.a_clip_ratio, group)
+        clip = float(site.info.get("a_clip_ratio", self.a_clip_ratio))  # a site's own, if a pass chose one
+        args = (site.producer, self.a_bits, self.a_symmetric, clip, group)
         with gm.graph.inserting_after(site.observer):
             qdq = gm.graph.call_function(torch.ops.llmq.quantize_dequantize_dynamic.default, args)
         qdq.meta["llmq_site"] = dict(
             site.observer.meta.get("llmq_site", {}), a_bits=self.a_bits, dynamic=True, a_effective_bits=float(self.a_bits),
+            a_clip_ratio=clip,
             a_group_size=group or None,
         )
         for key in ("val", "nn_module_stack"):

@@ -1,0 +1,164 @@
+"""Sequential act-aware GPTQ: the lockstep walk sees what the float and the deployed quantized model compute."""
+
+import copy
+import operator
+
+import numpy as np
+import pytest
+import torch
+from torch import fx
+
+import llmq_fx
+from llmq_fx import lockstep
+from llmq_fx.calibrate import calibrate
+from llmq_fx.graph import observer_sites
+from llmq_fx.passes import GPTQPass, InsertObserversPass, InsertQDQPass
+from llmq_fx.passes import sequential_gptq
+from llmq_fx.passes.sequential_gptq import SequentialGPTQPass
+from llmq_fx.stats import ActivationObserver, InputQuantizer
+
+QUANT = InputQuantizer(4, symmetric=False, clip_ratio=0.9, group_size=16)
+
+
+def _sequential(gm, calib, skip=(), strength=0.5, clip_search=None):
+    observed = copy.deepcopy(gm)
+    InsertObserversPass()(observed)
+    SequentialGPTQPass(calib, 4, QUANT, strength, batch_size=2, progress=False, skip=["lm_head", *skip], clip=True,
+                       clip_search=clip_search)(observed)
+    return observed
+
+
+def _values(gm: fx.GraphModule, ids: torch.Tensor, names: set[str]) -> dict[str, torch.Tensor]:
+    """The values of the named nodes when ``gm`` runs on ``ids`` (an independent plain forward)."""
+    seen = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n.name in names:
+                seen[n.name] = out
+            return out
+
+    with torch.no_grad():
+        Recorder(gm).run(ids)
+    return seen
+
+
+def test_statistics_equal_a_plain_calibration(opt_gm, calib):
+    seq = _sequential(opt_gm, calib)
+    plain = copy.deepcopy(opt_gm)
+    InsertObserversPass()(plain)
+    calibrate(plain, calib, batch_size=2, progress=False)
+    a, b = observer_sites(seq), observer_sites(plain)
+    assert [s.name for s in a] == [s.name for s in b]
+    for sa, sb in zip(a, b):  # the float lane is the float model: same tokens, same statistics
+        x, y = sa.module.stats(), sb.module.stats()
+        assert x.count == y.count == calib.numel()
+        for key in ("min", "max", "mean", "std"):
+            np.testing.assert_allclose(getattr(x, key).numpy(), getattr(y, key).numpy(), rtol=1e-5, atol=1e-6)
+    assert seq.meta["llmq_fx"]["calib_tokens"] == calib.numel()
+    records = seq.meta["llmq_fx"]["gptq"]
+    assert records and all(r["sequential"] and r["act_aware"] == 0.5 for r in records.values())
+    assert "lm_head" not in records
+
+
+def test_first_site_equals_one_pass_act_aware_gptq(opt_gm, calib):
+    """Before any layer is quantized both lanes are the float model, so the first site gets the one-pass result."""
+    seq = _sequential(opt_gm, calib)
+    one = copy.deepcopy(opt_gm)
+    InsertObserversPass(input_quant=QUANT)(one)
+    calibrate(one, calib, batch_size=2, progress=False)
+    GPTQPass(4, act_aware=0.5, clip=True)(one)
+    first = observer_sites(seq)[0]
+    later = observer_sites(seq)[3]
+    for path in first.info["consumers"]:
+        assert torch.equal(seq.get_buffer(f"{path}.weight_int"), one.get_buffer(f"{path}.weight_int")), path
+    # Downstream the quantized model's inputs differ from the float model's, and so do the weights.
+    path = later.info["consumers"][0]
+    assert not torch.equal(seq.get_buffer(f"{path}.weight_int"), one.get_buffer(f"{path}.weight_int"))
+
+
+@pytest.mark.parametrize("skip, clip_search", [((), None), (("*layers.0.fc1",), None), ((), [0.6, 0.8, 1.0])])
+def test_quantized_lane_is_the_deployed_model(opt_gm, calib, monkeypatch, skip, clip_search):
+    """What each site was quantized on is what the final QDQ graph feeds that site (skipped Linears included)."""
+    seen = {}
+    run = lockstep.run_lockstep
+
+    def spy(gm, batches, on_site, progress=True):
+        def wrapped(inputs):
+            seen[inputs.site.producer.name] = [x.clone() for x in inputs.quant]
+            return on_site(inputs)
+
+        return run(gm, batches, wrapped, progress)
+
+    monkeypatch.setattr(sequential_gptq, "run_lockstep", spy)
+    qgm = _sequential(opt_gm, calib, skip=skip, clip_search=clip_search)
+    if clip_search:  # each site's choice is what its deployed QDQ node uses
+        chosen = {s.name: s.info["a_clip_ratio"] for s in observer_sites(qgm) if "a_clip_ratio" in s.info}
+        assert len(chosen) == len(observer_sites(qgm)) - 1 and set(chosen.values()) <= set(clip_search)
+    InsertQDQPass(4, 4, a_dynamic=True, a_clip_ratio=0.9, a_group_size=16, skip=["lm_head", *skip])(qgm)
+    observed = copy.deepcopy(opt_gm)
+    InsertObserversPass()(observed)
+    assert len(seen) == len(observer_sites(observed))
+    for b in range(3):
+        ids = calib[2 * b: 2 * b + 2]
+        deployed = _values(qgm, ids, set(seen))
+        for name, per_batch in seen.items():
+            np.testing.assert_allclose(per_batch[b].numpy(), deployed[name].numpy(), rtol=1e-5, atol=1e-5, err_msg=name)
+    # The last site's input has been through every quantized layer: it is not the float model's.
+    float_vals = _values(opt_gm, calib[:2], set(seen))
+    last = list(seen)[-1]
+    assert not torch.allclose(seen[last][0], float_vals[last], atol=1e-3)
+
+
+def test_quantize_runs_sequential_and_falls_back(opt_gm, calib, caplog):
+    cfg = dict(w_bits=4, a_bits=4, a_group_size=16, gptq_sequential=True, calib_batch_size=2)
+    qgm = llmq_fx.quantize(opt_gm, calib, cfg, progress=False)
+    meta = qgm.meta["llmq_fx"]
+    assert meta["gptq_sequential"] is True and meta["calib_tokens"] == calib.numel()
+    assert "calibrate" not in meta["timings_s"] and "gptq" in meta["timings_s"]
+    with torch.no_grad():
+        assert torch.isfinite(qgm(calib[:2])).all()
+    # Static ranges need statistics before any site is quantized: one-pass GPTQ, said in meta.
+    static = llmq_fx.quantize(opt_gm, calib, dict(cfg, a_dynamic=False, n_clusters=2), progress=False)
+    assert static.meta["llmq_fx"]["gptq_sequential"] is False
+    assert not any(r.get("sequential") for r in static.meta["llmq_fx"]["gptq"].values())
+    with pytest.raises(llmq_fx.ConfigError, match="gptq_sequential"):
+        llmq_fx.QuantConfig(gptq_sequential="yes")
+
+
+def test_lockstep_needs_token_ids_only():
+    class TwoInputs(torch.nn.Module):
+        def forward(self, x, y):
+            return torch.nn.functional.linear(x + y, torch.ones(4, 4))
+
+    gm = fx.symbolic_trace(TwoInputs())
+    with pytest.raises(llmq_fx.CalibrationError, match="no observers"):
+        lockstep.run_lockstep(gm, [torch.zeros(1, 4)], lambda s: None)
+    add = next(n for n in gm.graph.nodes if n.op == "call_function" and n.target is operator.add)
+    gm.add_submodule("llmq_observer_x", ActivationObserver(4))
+    with gm.graph.inserting_after(add):
+        obs = gm.graph.call_module("llmq_observer_x", (add,))
+    add.replace_all_uses_with(obs, delete_user_cb=lambda u: u is not obs)
+    gm.recompile()
+    with pytest.raises(llmq_fx.UnsupportedModelError, match="one input .token ids.; this one has 2: x, y"):
+        lockstep.run_lockstep(gm, [torch.zeros(1, 4)], lambda s: None)
+
+
+def test_clip_search_picks_the_ratio_of_least_output_error(opt_gm, calib):
+    """Per site, the chosen ratio gives the smallest ||(Q(X) - X) W^T|| of the candidates, on the site's real inputs."""
+    qgm = _sequential(opt_gm, calib, clip_search=[0.5, 0.9, 1.0])
+    first = observer_sites(qgm)[0]
+    x = _values(opt_gm, calib, {first.producer.name})[first.producer.name].reshape(-1, 32).double()
+    w = torch.cat([opt_gm.get_parameter(f"{p}.weight") for p in first.info["consumers"]]).detach().double()
+    errors = {}
+    for r in (0.5, 0.9, 1.0):
+        groups = x.reshape(len(x), -1, 16)
+        lo = (groups.amin(-1, keepdim=True) * r).clamp(max=0)
+        hi = (groups.amax(-1, keepdim=True) * r).clamp(min=0)
+        scale = ((hi - lo) / 15).clamp(min=1e-8)
+        zp = torch.round(-lo / scale).clamp(0, 15)
+        q = ((torch.round(groups / scale) + zp).clamp(0, 15) - zp) * scale
+        errors[r] = float(((q.reshape(x.shape) - x) @ w.T).square().sum())
+    assert first.info["a_clip_ratio"] == min(errors, key=errors.get)
+    assert len(set(errors.values())) == 3
