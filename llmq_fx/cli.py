@@ -81,6 +81,7 @@ def _cmd_quantize(args) -> int:
         "rotation_skipped": qgm.meta["llmq_fx"].get("rotation_skipped"),
         "gptq": qgm.meta["llmq_fx"].get("gptq"),
         "gptq_act_aware_skipped": qgm.meta["llmq_fx"].get("gptq_act_aware_skipped"),
+        "gptq_sequential": qgm.meta["llmq_fx"].get("gptq_sequential"),
         "timings_s": timings,
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "device": args.device,
                     "cpu_threads": torch.get_num_threads()},
@@ -173,7 +174,7 @@ def _latencies(models: dict, window: torch.Tensor, runs: int) -> dict:
 def _print_result(report: dict, out: Path) -> None:
     cfg = report["config"]
     gptq = "GPTQ" + ("" if report.get("gptq_act_aware_skipped") or cfg.get("gptq_act_aware") is None
-                     else f" act-aware {cfg['gptq_act_aware']}")
+                     else f" act-aware {cfg['gptq_act_aware']}" + (" sequential" if report.get("gptq_sequential") else ""))
     parts = [gptq if cfg.get("gptq") and cfg["w_bits"] else "RTN" if cfg["w_bits"] else None]
     if cfg["a_bits"]:
         parts.append(f"per-token/{cfg['a_group_size']}" if cfg.get("a_dynamic") and cfg.get("a_group_size")

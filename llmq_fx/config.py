@@ -68,6 +68,9 @@ class QuantConfig:
             to the float model's output. Two float forwards over the calibration set instead of one,
             all batches' activations held at once. Where act-aware GPTQ does not apply, one-pass
             GPTQ runs (``meta["gptq_sequential"]`` is then false).
+        a_clip_search: with sequential GPTQ, candidate activation clip ratios: each site takes the one
+            minimizing its Linears' output error from activation quantization, on the quantized
+            model's inputs (``SequentialGPTQPass``), instead of ``a_clip_ratio``; None = no search.
         skip: module-path patterns (fnmatch) of Linears left entirely in float.
         seed / kmeans_n_init: k-means determinism.
         calib_batch_size: sequences per calibration forward.
@@ -92,9 +95,9 @@ class QuantConfig:
     gptq_act_order: bool = True
     gptq_damp: float = 0.01
     gptq_block_size: int = 128
-    gptq_act_aware: float | None = 0.5
-    gptq_sequential: bool = False
-    a_clip_search: list[float] | None = None
+    gptq_act_aware: float | None = 0.3
+    gptq_sequential: bool = True
+    a_clip_search: list[float] | None = field(default_factory=lambda: [0.8, 0.85, 0.9, 0.95, 1.0])
     skip: list[str] = field(default_factory=lambda: ["lm_head"])
     seed: int = 0
     kmeans_n_init: int = 4

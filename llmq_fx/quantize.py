@@ -1,4 +1,8 @@
-"""The pipeline in one place: (rotate) -> observe -> calibrate -> smooth -> group -> (gptq) -> quantize."""
+"""The pipeline in one place: (rotate) -> observe -> calibrate -> smooth -> group -> (gptq) -> quantize.
+
+With sequential act-aware GPTQ (the default) calibration happens inside the gptq stage:
+(rotate) -> observe -> gptq (lockstep calibration + GPTQ) -> quantize.
+"""
 
 from __future__ import annotations
 
@@ -34,8 +38,8 @@ def quantize(
         gm: the output of ``llmq_fx.trace``.
         calib: calibration token ids, a LongTensor ``[N, T]`` or an iterable of LongTensors.
         config: a ``QuantConfig`` (or dict); default W4A4: rotation (where the graph allows it),
-            GPTQ weights per output channel with clipping search, per-token dynamic activations
-            clipped at 0.9, lm_head float.
+            sequential act-aware GPTQ weights per output channel with clipping search, dynamic
+            activations in groups of 64 channels with a per-site clip ratio, lm_head float.
 
     Returns:
         The rewritten GraphModule. ``qgm.meta["llmq_fx"]`` holds the config, per-Linear summary,

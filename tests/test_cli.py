@@ -16,7 +16,9 @@ def test_quantize_writes_report_and_graph_then_inspect(tmp_path, capsys):
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     assert report["config"]["w_bits"] == 4 and report["calibration"]["tokens"] == 4 * 64
-    assert {"rotate", "observe", "calibrate", "gptq", "quantize", "trace"} <= set(report["timings_s"])  # the default recipe
+    assert {"rotate", "observe", "gptq", "quantize", "trace"} <= set(report["timings_s"])  # the default recipe
+    # Sequential GPTQ calibrates inside its own stage.
+    assert report["gptq_sequential"] is True and "calibrate" not in report["timings_s"]
     assert report["peak_rss_mb"] > 0
     assert report["eval"]["float"]["tokens"] == 2 * 63
     assert report["eval"]["quantized"]["ppl"] > 1

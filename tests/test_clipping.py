@@ -80,11 +80,15 @@ def test_static_clip_shrinks_every_cluster_range(opt_gm, calib):
         torch.testing.assert_close(s_clip, s * 0.8, rtol=1e-5, atol=1e-7)
 
 
-def test_dynamic_clip_model_exports_and_matches_pytorch(opt_gm, calib, eval_ids, tmp_path):
-    cfg = llmq_fx.QuantConfig(a_dynamic=True, a_clip_ratio=0.9, w_clip=True)
+@pytest.mark.parametrize("search", [None, [0.5, 0.7, 0.9, 1.0]])
+def test_dynamic_clip_model_exports_and_matches_pytorch(opt_gm, calib, eval_ids, tmp_path, search):
+    cfg = llmq_fx.QuantConfig(a_dynamic=True, a_clip_ratio=0.9, w_clip=True, a_clip_search=search)
     qgm = llmq_fx.quantize(opt_gm, calib, cfg, progress=False)
     qdq = [n for n in qgm.graph.nodes if n.target == torch.ops.llmq.quantize_dequantize_dynamic.default]
-    assert qdq and all(n.args[3] == 0.9 for n in qdq)
+    if search is None:
+        assert qdq and all(n.args[3] == 0.9 for n in qdq)
+    else:  # one ratio per site, chosen by the sequential GPTQ pass, each exported as it is
+        assert qdq and all(n.args[3] in search and n.meta["llmq_site"]["a_clip_ratio"] == n.args[3] for n in qdq)
     path = to_onnx(qgm, tmp_path / "clip.onnx")
     with torch.no_grad():
         ref = qgm(eval_ids)

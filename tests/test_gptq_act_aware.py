@@ -93,14 +93,14 @@ def test_act_aware_gptq_lowers_the_output_error_of_the_quantized_layer():
 # ---- the pipeline ---------------------------------------------------------------------------
 def test_default_recipe_runs_act_aware_gptq(opt_gm, calib):
     cfg = llmq_fx.QuantConfig()
-    assert cfg.gptq and cfg.a_dynamic and cfg.gptq_act_aware == 0.5
+    assert cfg.gptq and cfg.a_dynamic and cfg.gptq_act_aware == 0.3 and cfg.gptq_sequential and cfg.a_clip_search
     qgm = llmq_fx.quantize(opt_gm, calib, cfg, progress=False)
     meta = qgm.meta["llmq_fx"]
     assert meta["gptq_act_aware_skipped"] is None
     records = meta["gptq"]
     assert len(records) == 2 * 6
     for path, rec in records.items():
-        assert rec["act_aware"] == 0.5, path
+        assert rec["act_aware"] == 0.3 and rec["sequential"], path
         assert rec["target_shift"] > 0, path  # the weight GPTQ rounded moved towards the quantized inputs
         assert rec["gptq_error"] < rec["rtn_error"], (path, rec)
     plain = llmq_fx.quantize(opt_gm, calib, llmq_fx.QuantConfig(gptq_act_aware=None), progress=False)
