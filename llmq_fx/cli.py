@@ -179,7 +179,9 @@ def _print_result(report: dict, out: Path) -> None:
     if cfg["a_bits"]:
         parts.append(f"per-token/{cfg['a_group_size']}" if cfg.get("a_dynamic") and cfg.get("a_group_size")
                      else "per-token" if cfg.get("a_dynamic") else f"n_clusters={cfg['n_clusters']}")
-        if cfg.get("a_clip_ratio", 1.0) != 1.0:
+        if report.get("gptq_sequential") and cfg.get("a_clip_search"):
+            parts.append("clip per site (search)")
+        elif cfg.get("a_clip_ratio", 1.0) != 1.0:
             parts.append(f"clip {cfg['a_clip_ratio']}")
     rotated = cfg.get("rotate") and not report.get("rotation_skipped")
     parts += ["rotated" if rotated else None, f"smooth_alpha={cfg['smooth_alpha']}" if cfg["smooth_alpha"] is not None else None]

@@ -95,7 +95,6 @@ def quantize(
             calib, config.w_bits, input_quant, act_aware, config.calib_batch_size, progress,
             clip_search=config.a_clip_search, **gptq_kwargs
         )(qgm)))
-        w_gptq = False
     else:
         stages = [("observe", lambda: InsertObserversPass(hessian=w_gptq, input_quant=input_quant)(qgm))]
         stages.append(("calibrate", lambda: meta.__setitem__("calib_tokens", calibrate(qgm, calib, config.calib_batch_size, progress))))
@@ -103,7 +102,7 @@ def quantize(
         stages.append(("smooth", lambda: SmoothPass(config.smooth_alpha, config.smooth_sites, config.skip)(qgm)))
     if config.a_bits is not None and not config.a_dynamic:
         stages.append(("group", lambda: GroupChannelsPass(config.clusters_for, config.cluster_features, config.seed, config.kmeans_n_init)(qgm)))
-    if w_gptq:
+    if w_gptq and not sequential:
         from llmq_fx.passes.gptq import GPTQPass
 
         stages.append(("gptq", lambda: GPTQPass(config.w_bits, act_aware=act_aware, **gptq_kwargs)(qgm)))
