@@ -163,11 +163,12 @@ def config_short(cfg: dict | None) -> str:
     """One line saying what a resolved config does (for the methods list)."""
     if cfg is None:
         return "float"
+    config = QuantConfig.from_dict(cfg)
     w = "float" if cfg["w_bits"] is None else f"W{cfg['w_bits']} " + (
         "per-channel" if cfg.get("w_group_size") is None else f"group {cfg['w_group_size']}") + (
         " GPTQ" if cfg.get("gptq") else " RTN") + (" clip-search" if cfg.get("w_clip") else "") + (
-        (f" act-aware {cfg['gptq_act_aware']}" + (" sequential" if cfg.get("gptq_sequential") else ""))
-        if QuantConfig.from_dict(cfg).act_aware_unavailable() is None else "")
+        (f" act-aware {cfg['gptq_act_aware']}" + (" sequential" if config.runs_sequential_gptq() else ""))
+        if config.act_aware_unavailable() is None else "")
     if cfg["a_bits"] is None:
         a = "A16"
     elif cfg.get("a_dynamic"):
@@ -179,8 +180,7 @@ def config_short(cfg: dict | None) -> str:
         if cfg.get("a_outlier_bits") is not None:
             a += f", {cfg.get('a_outlier_clusters')} outlier cluster(s) at {cfg['a_outlier_bits']} bits"
     a += ", symmetric" if cfg.get("a_symmetric") and cfg["a_bits"] is not None else ""
-    searched = cfg.get("a_clip_search") and cfg.get("gptq_sequential") and QuantConfig.from_dict(cfg).act_aware_unavailable() is None
-    if cfg["a_bits"] is not None and searched:
+    if cfg["a_bits"] is not None and cfg.get("a_clip_search") and config.runs_sequential_gptq():
         a += f", ranges clipped per site (best of {', '.join(map(str, cfg['a_clip_search']))})"
     elif cfg["a_bits"] is not None and cfg.get("a_clip_ratio", 1.0) != 1.0:
         a += f", ranges clipped to {cfg['a_clip_ratio']}"

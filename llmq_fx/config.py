@@ -185,6 +185,10 @@ class QuantConfig:
             return "smoothing rescales the activations after calibration (smooth_alpha is set)"
         return None
 
+    def runs_sequential_gptq(self) -> bool:
+        """Whether ``quantize`` runs ``SequentialGPTQPass``: asked for, and act-aware GPTQ applies."""
+        return self.gptq_sequential and self.act_aware_unavailable() is None
+
     def clusters_for(self, role: str) -> int:
         if isinstance(self.n_clusters, dict):
             return self.n_clusters.get(role, 1)

@@ -80,7 +80,7 @@ def quantize(
 
     w_gptq = config.gptq and config.w_bits is not None
     act_aware, input_quant = _act_aware_gptq(config, meta) if w_gptq else (None, None)
-    sequential = input_quant is not None and config.gptq_sequential
+    sequential = config.runs_sequential_gptq()
     meta["gptq_sequential"] = sequential
     gptq_kwargs = dict(
         w_group_size=config.w_group_size, act_order=config.gptq_act_order, damp=config.gptq_damp,

@@ -19,6 +19,7 @@ records, instead, the moments GPTQ needs to account for that quantization: ``hes
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -74,6 +75,11 @@ class InputQuantizer:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return qmath.dynamic_fake_quantize(x, self.bits, self.symmetric, self.clip_ratio, self.group_size)
+
+    def for_site(self, channels: int) -> "InputQuantizer":
+        """This quantizer at a site of ``channels`` inputs: ``group_size`` is an upper bound, resolved
+        by ``qmath.activation_group`` as ``InsertQDQPass`` resolves it for the deployed QDQ."""
+        return dataclasses.replace(self, group_size=qmath.activation_group(channels, self.group_size))
 
 
 class ActivationObserver(nn.Module):

@@ -17,9 +17,9 @@ buffer ``{path}.weight_int``, a buffer ``{path}.weight_scale`` and
 alone and only quantizes the activations and drops the unused float weight; the exporter needs
 nothing new.
 
-The Hessians come from the float model (inputs of the unquantized upstream layers), not layer by
-layer from the already-quantized model as in the paper's sequential variant: one calibration pass
-serves every stage of the pipeline.
+The Hessians come from the float model (inputs of the unquantized upstream layers): one
+calibration pass serves every stage of the pipeline. ``SequentialGPTQPass`` is the variant that
+rounds each site on the already-quantized model's inputs.
 
 Activation-aware (``act_aware`` = strength in [0, 1]): at W4A4 the Linear reads ``Q(X)``, not ``X``.
 With per-token dynamic activations ``Q`` needs no statistics, so the observers (inserted with an

@@ -15,14 +15,12 @@ GPTQ needs to compensate for activation quantization (``GPTQPass(act_aware=...)`
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import re
 
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from llmq_fx import qmath
 from llmq_fx.graph import attr, linear_nodes, module_path, site_role
 from llmq_fx.stats import ActivationObserver, InputQuantizer
 
@@ -55,9 +53,7 @@ class InsertObserversPass(PassBase):
             paths = [module_path(c) for c in consumers]
             name = paths[0] if len(paths) == 1 else _group_name(paths)
             target = OBSERVER_PREFIX + re.sub(r"_+", "_", re.sub(r"[^0-9A-Za-z_]", "_", name)).strip("_")
-            quant = self.input_quant
-            if quant is not None:  # the site's own grouping, as InsertQDQPass will build it
-                quant = dataclasses.replace(quant, group_size=qmath.activation_group(in_features, quant.group_size))
+            quant = None if self.input_quant is None else self.input_quant.for_site(in_features)
             observer = ActivationObserver(in_features, hessian=self.hessian, input_quant=quant)
             gm.add_submodule(target, observer.to(weight.device))
             with gm.graph.inserting_after(producer):

@@ -38,7 +38,6 @@ import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from llmq_fx import qmath
 from llmq_fx.calibrate import calibration_batches, check_statistics
 from llmq_fx.graph import attr, is_skipped, module_path
 from llmq_fx.lockstep import SiteInputs, SiteResult, run_lockstep
@@ -55,7 +54,7 @@ class SequentialGPTQPass(GPTQPass):
     Args:
         calib: calibration token ids (``[N, T]`` LongTensor or an iterable of them).
         input_quant: the per-token dynamic activation quantizer the Linears will read through
-            (its group size is an upper bound, resolved per site with ``qmath.activation_group``).
+            (its group size is an upper bound, resolved per site by ``InputQuantizer.for_site``).
         act_aware: strength in [0, 1] (1 = fit the float model's output, 0 = plain GPTQ on ``Q(X~)``).
         clip_search: candidate activation clip ratios, one chosen per site; None keeps ``input_quant``'s.
         batch_size, progress: as ``calibrate``.
@@ -88,9 +87,7 @@ class SequentialGPTQPass(GPTQPass):
             if not linears:
                 return SiteResult(inputs.quant, raw_readers=raw)
             channels = site.module.num_channels
-            quant = dataclasses.replace(
-                self.input_quant, group_size=qmath.activation_group(channels, self.input_quant.group_size)
-            )
+            quant = self.input_quant.for_site(channels)
             if self.clip_search:
                 quant = self._search_clip(gm, site, linears, quant, inputs.quant)
             device = inputs.quant[0].device
