@@ -12,7 +12,14 @@ import llmq_fx
 from llmq_fx.errors import UnsupportedModelError
 from llmq_fx.graph import observer_sites
 from llmq_fx.passes import InsertObserversPass
-from llmq_fx.passes.rotate import ONLINE_ROTATION_META, RotatePass, hadamard, kron_factors, rotation_matrix
+from llmq_fx.passes.rotate import (
+    ONLINE_ROTATION_META,
+    RotatePass,
+    hadamard,
+    kron_factors,
+    paley_hadamard,
+    rotation_matrix,
+)
 
 from conftest import VOCAB, make_opt, static_config
 
@@ -47,6 +54,35 @@ def test_rotation_matrices_are_orthogonal(n):
     assert a.shape[0] * b.shape[0] == n
     t = torch.kron(a, b)
     torch.testing.assert_close(t @ t.T, torch.eye(n, dtype=torch.float64), atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("n", [12, 20, 28, 36, 44, 60, 108])
+def test_paley_hadamard(n):
+    h = paley_hadamard(n)
+    assert set((h * n**0.5).round().unique().tolist()) == {-1.0, 1.0}
+    torch.testing.assert_close(h * n**0.5, (h * n**0.5).round(), atol=1e-12, rtol=0)
+    torch.testing.assert_close(h @ h.T, torch.eye(n, dtype=torch.float64), atol=1e-12, rtol=0)
+
+
+def test_paley_hadamard_orders_without_construction():
+    for n in (2, 9, 18, 40, 46, 52):  # 40, 52 are Hadamard orders, but not of Paley's two kinds
+        assert paley_hadamard(n) is None
+
+
+@pytest.mark.parametrize("n", [48, 96, 576, 768, 1536])
+def test_rotation_is_a_full_hadamard_where_paley_fits(n):
+    """Non-power-of-two widths (SmolLM2's 576 and 1536, OPT-125m's 768) get entries +-1/sqrt(n): no channel
+    is left concentrated in a few outputs, which a random orthogonal odd factor would allow."""
+    g = torch.Generator().manual_seed(0)
+    for q in (rotation_matrix(n, g), torch.kron(*kron_factors(n, g))):
+        torch.testing.assert_close(q.abs(), torch.full_like(q, n**-0.5), atol=1e-12, rtol=0)
+
+
+def test_rotation_falls_back_to_random_orthogonal_factor():
+    g = torch.Generator().manual_seed(0)
+    q = rotation_matrix(46, g)  # 2 x 23: no Paley order 23 or 46
+    torch.testing.assert_close(q @ q.T, torch.eye(46, dtype=torch.float64), atol=1e-10, rtol=0)
+    assert not torch.allclose(q.abs(), torch.full_like(q, 46**-0.5))
 
 
 def test_hadamard_entries():

@@ -28,8 +28,11 @@ Rewrite, in float64 then cast back:
 2. *Norm affine into readers.* ``W_r (g * y + b) + c = (W_r diag(g)) y + (W_r b + c)``: the reader
    weights absorb ``g`` (columns) and ``b`` (into the reader bias, created if missing), and the
    norm keeps a weight of ones (a ``mul`` node, so SmoothQuant can still fold a scale into it).
-3. *Residual rotation.* ``Q = diag(+-1) (H_{2^k} (x) R_m)``, a random-sign Hadamard (times a seeded
-   random orthogonal ``R_m`` when ``d = 2^k m`` is not a power of two). Writers ``W <- Q^T W``,
+3. *Residual rotation.* ``Q = diag(+-1) (H_{2^j} (x) F)``, a random-sign Hadamard matrix: for
+   ``d = 2^k m`` with ``m > 1``, ``F`` is a Paley Hadamard matrix of order ``m 2^i`` (SmolLM2's
+   576 = 16 x 36, 1536 = 128 x 12; ``paley_hadamard``), so every entry of ``Q`` is ``+-1/sqrt(d)`` and
+   each channel is spread evenly over all of them; only where no Paley order fits is ``F`` a seeded
+   random orthogonal ``R_m``, which mixes less evenly. Writers ``W <- Q^T W``,
    ``b <- Q^T b``, embeddings ``E <- E Q``; readers ``W_r <- W_r Q``. Tied weights (embedding and
    lm_head) are untied first, since they now differ.
 4. *Value heads.* Per attention head, ``H_hd`` rotates V: v_proj output rows of each head block
@@ -38,7 +41,7 @@ Rewrite, in float64 then cast back:
    alike. One ``H`` for all heads, so grouped-query attention works too.
 5. *Online rotation of the fc2/down_proj input.* The ReLU/SiLU between fc1 and fc2 does not commute
    with a rotation, so it cannot be fused: a graph node computes ``u T`` with
-   ``T = A (x) B`` (Kronecker, ``A = H_a``, ``B = H_b' (x) R_m``) as two small matmuls over a
+   ``T = A (x) B`` (Kronecker, ``A = H_a``, ``B = H_b' (x) F``, ``F`` as above) as two small matmuls over a
    ``[..., a, b]`` view (cost ``F (a + b)`` per token instead of ``F^2``), and fc2 absorbs
    ``W2 <- W2 T``.
 
@@ -69,7 +72,7 @@ from llmq_fx.graph import (
     site_role,
 )
 
-__all__ = ["RotatePass", "hadamard", "random_orthogonal", "rotation_matrix", "kron_factors", "ONLINE_ROTATION_META"]
+__all__ = ["RotatePass", "hadamard", "paley_hadamard", "random_orthogonal", "rotation_matrix", "kron_factors", "ONLINE_ROTATION_META"]
 
 logger = logging.getLogger(__name__)
 
@@ -107,10 +110,79 @@ def _split(n: int) -> tuple[int, int]:
     return 2**k, n >> k
 
 
+def _is_prime(q: int) -> bool:
+    return q > 1 and all(q % d for d in range(2, math.isqrt(q) + 1))
+
+
+def paley_hadamard(n: int) -> torch.Tensor | None:
+    """Normalized Hadamard matrix of order ``n`` from Paley's constructions, float64, or None.
+
+    With ``q`` a prime and ``chi`` the quadratic character mod ``q``, the Jacobsthal matrix
+    ``J[i, j] = chi(j - i)`` gives (Paley 1933):
+
+    * *Paley I*, ``n = q + 1``, ``q = 3 mod 4`` (``J`` skew): ``H = I + [[0, 1^T], [-1, J]]``;
+    * *Paley II*, ``n = 2 (q + 1)``, ``q = 1 mod 4`` (``J`` symmetric): the conference matrix
+      ``C = [[0, 1^T], [1, J]]`` with every 0 replaced by ``[[1, -1], [-1, -1]]`` and every
+      ``+-1`` by ``+-[[1, 1], [1, -1]]``.
+
+    These cover the orders QuaRot needs beside powers of two (12, 20, 28, 36, 40, ...): with
+    ``n = 2^k m``, ``H_{2^j} (x) H_{m 2^i}`` is a Hadamard matrix of order ``n``. The result is
+    checked (``H H^T = n I``) before it is returned.
+    """
+    def jacobsthal(q: int) -> torch.Tensor:
+        residues = {(x * x) % q for x in range(1, q)}
+        chi = [0] + [1 if r in residues else -1 for r in range(1, q)]
+        return torch.tensor([[chi[(j - i) % q] for j in range(q)] for i in range(q)], dtype=torch.float64)
+
+    h = None
+    if _is_prime(n - 1) and (n - 1) % 4 == 3:
+        q = n - 1
+        s = torch.zeros(n, n, dtype=torch.float64)
+        s[0, 1:], s[1:, 0], s[1:, 1:] = 1.0, -1.0, jacobsthal(q)
+        h = torch.eye(n, dtype=torch.float64) + s
+    elif n % 2 == 0 and _is_prime(n // 2 - 1) and (n // 2 - 1) % 4 == 1:
+        q = n // 2 - 1
+        c = torch.zeros(q + 1, q + 1, dtype=torch.float64)
+        c[0, 1:], c[1:, 0], c[1:, 1:] = 1.0, 1.0, jacobsthal(q)
+        zero = torch.tensor([[1.0, -1.0], [-1.0, -1.0]], dtype=torch.float64)
+        one = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
+        h = torch.kron(c, one) + torch.kron((c == 0).to(torch.float64), zero)
+    if h is None:
+        return None
+    if not torch.equal(h @ h.T, n * torch.eye(n, dtype=torch.float64)):
+        raise AssertionError(f"Paley construction of order {n} is not a Hadamard matrix")
+    return h / math.sqrt(n)
+
+
+def _odd_factor(p: int, m: int, generator: torch.Generator) -> tuple[int, torch.Tensor]:
+    """For ``p * m`` (``p`` a power of two, ``m`` odd): ``(p', F)`` with ``F`` orthogonal of order ``m p / p'``.
+
+    ``F`` is a Paley Hadamard matrix of order ``m 2^i`` (smallest ``i`` that works, ``2^i <= p``), so
+    that ``H_{p'} (x) F`` is a Hadamard matrix: every entry ``+-1/sqrt(n)``, each channel spread
+    evenly over all of them. Where no Paley order fits, ``F = R_m`` is a seeded random orthogonal
+    matrix (``p' = p``), which mixes less evenly.
+    """
+    if m == 1:
+        return p, torch.ones(1, 1, dtype=torch.float64)
+    i = 0
+    while 2**i <= p:
+        f = paley_hadamard(m * 2**i)
+        if f is not None:
+            return p >> i, f
+        i += 1
+    return p, random_orthogonal(m, generator)
+
+
 def rotation_matrix(n: int, generator: torch.Generator, random_signs: bool = True) -> torch.Tensor:
-    """``diag(+-1) (H_{2^k} (x) R_m)`` for ``n = 2^k m``: orthogonal, float64 ``[n, n]``."""
+    """``diag(+-1) (H_{2^k} (x) F)`` of order ``n = 2^k m``: orthogonal, float64 ``[n, n]``.
+
+    ``F`` is 1 for a power of two, else a Paley Hadamard factor (a full Hadamard matrix of order
+    ``n``, as QuaRot builds for 12, 20, 28, ... times a power of two) or, where none exists, a seeded
+    random orthogonal ``R_m`` (``_odd_factor``).
+    """
     p, m = _split(n)
-    q = torch.kron(hadamard(p), random_orthogonal(m, generator))
+    p, f = _odd_factor(p, m, generator)
+    q = torch.kron(hadamard(p), f)
     if random_signs:
         signs = torch.randint(0, 2, (n,), generator=generator, dtype=torch.float64) * 2 - 1
         q = signs[:, None] * q
@@ -118,12 +190,13 @@ def rotation_matrix(n: int, generator: torch.Generator, random_signs: bool = Tru
 
 
 def kron_factors(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(A, B)`` orthogonal with ``A (x) B`` of order ``n`` and ``a + b`` small: ``A = H_a``, ``B = H_b' (x) R_m``."""
+    """``(A, B)`` orthogonal with ``A (x) B`` of order ``n`` and ``a + b`` small: ``A = H_a``, ``B = H_b' (x) F``
+    (``F`` as in ``rotation_matrix``)."""
     p, m = _split(n)
     k = p.bit_length() - 1
     a = 2 ** (k - k // 2)
-    b_pow = p // a
-    return hadamard(a), torch.kron(hadamard(b_pow), random_orthogonal(m, generator))
+    b_pow, f = _odd_factor(p // a, m, generator)
+    return hadamard(a), torch.kron(hadamard(b_pow), f)
 
 
 # -- the pass ---------------------------------------------------------------------------------
@@ -270,7 +343,7 @@ class RotatePass(PassBase):
                 logger.info("rotation: no shape for %s, value heads not rotated", attn.name)
                 continue
             hd = int(val.shape[-1])
-            h = rotation_matrix(hd, gen, random_signs=False)  # H_hd (times R_m if hd is not a power of 2)
+            h = rotation_matrix(hd, gen, random_signs=False)  # H_hd (a Paley-Kronecker Hadamard if hd is not a power of 2)
             vpath, opath = module_path(v_proj), module_path(out)
             vt = _own_param(gm, v_proj, v_proj.args[1], f"{vpath}.weight")
             wv = attr(gm, vt).detach().to(torch.float64)
