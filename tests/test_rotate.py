@@ -103,6 +103,7 @@ def test_float_output_unchanged(which, opt_gm, llama_gm, eval_ids):
     report = rotated.meta["llmq_fx"]["rotation"]
     assert report["residual"]["norm"] == ("layer_norm" if which == "opt" else "rms_norm")
     assert report["residual"]["centered"] is (which == "opt")
+    assert report["residual"]["full_hadamard"]  # 32 (OPT) and 48 = 4 x 12 (Llama)
     assert report["heads"]["value_heads"] == 2
     assert len(report["online"]["fc2_inputs"]) == 2
     # LayerNorm replaced by its RMS form; no layer_norm left.

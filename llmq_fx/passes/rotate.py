@@ -278,6 +278,7 @@ class RotatePass(PassBase):
         d = attr(gm, norms[0].weight.target).numel()
         # Drawn on the CPU generator (the same matrix whatever the device), used where the weights are.
         q = rotation_matrix(d, gen).to(attr(gm, norms[0].weight.target).device)
+        full_hadamard = bool(torch.allclose(q.abs(), torch.full_like(q, d**-0.5), rtol=0, atol=1e-12))
         center = kind == "layer_norm"
 
         for w in writers:
@@ -327,7 +328,8 @@ class RotatePass(PassBase):
             _write(gm, na.weight.target, torch.ones_like(ref, dtype=torch.float64))
             if na.kind == "layer_norm":
                 _layer_norm_to_rms(gm, na)
-        return {"dim": d, "norm": kind, "centered": center, "writers": len(writers), "readers": len(readers)}
+        return {"dim": d, "norm": kind, "centered": center, "full_hadamard": full_hadamard,
+                "writers": len(writers), "readers": len(readers)}
 
     # -- 4: value heads -------------------------------------------------------------------------
     @torch.no_grad()
