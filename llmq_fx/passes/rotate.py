@@ -125,9 +125,10 @@ def paley_hadamard(n: int) -> torch.Tensor | None:
       ``C = [[0, 1^T], [1, J]]`` with every 0 replaced by ``[[1, -1], [-1, -1]]`` and every
       ``+-1`` by ``+-[[1, 1], [1, -1]]``.
 
-    These cover the orders QuaRot needs beside powers of two (12, 20, 28, 36, 40, ...): with
-    ``n = 2^k m``, ``H_{2^j} (x) H_{m 2^i}`` is a Hadamard matrix of order ``n``. The result is
-    checked (``H H^T = n I``) before it is returned.
+    Orders built include 12, 20, 28, 36, 44 and 60 (not 40 or 52 themselves; 40 = 2 x 20 comes
+    from the Kronecker product). For a width ``n = 2^k m``, ``H_{2^j} (x) H_{m 2^i}`` is then a
+    Hadamard matrix of order ``n`` (``_odd_factor``). The result is checked (``H H^T = n I``) before
+    it is returned.
     """
     def jacobsthal(q: int) -> torch.Tensor:
         residues = {(x * x) % q for x in range(1, q)}
