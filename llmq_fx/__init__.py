@@ -1,7 +1,8 @@
 """llmq_fx: W4A4 quantization of LLMs as torch.fx graph rewrites, exported to ONNX.
 
     gm = llmq_fx.trace(model)                        # torch.export -> GraphModule
-    qgm = llmq_fx.quantize(gm, calib_ids, config)    # observe, calibrate, smooth, group, QDQ
+    print(llmq_fx.recipe(config))                    # the passes the config runs, with their options
+    qgm = llmq_fx.quantize(gm, calib_ids, config)    # run them on a copy of gm
     llmq_fx.summary(qgm)                             # one row per Linear
 """
 
@@ -19,6 +20,8 @@ from llmq_fx.errors import (
     UnsupportedModelError,
 )
 from llmq_fx.quantize import quantize
+from llmq_fx.recipe import Recipe, recipe
+from llmq_fx.spec import ActivationSpec, WeightSpec
 from llmq_fx.summary import format_summary, summary
 
 __version__ = "0.1.0"
@@ -35,6 +38,10 @@ def __getattr__(name):
 __all__ = [
     "trace",
     "quantize",
+    "recipe",
+    "Recipe",
+    "ActivationSpec",
+    "WeightSpec",
     "calibrate",
     "summary",
     "format_summary",

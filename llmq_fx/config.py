@@ -189,6 +189,33 @@ class QuantConfig:
         """Whether ``quantize`` runs ``SequentialGPTQPass``: asked for, and act-aware GPTQ applies."""
         return self.gptq_sequential and self.act_aware_unavailable() is None
 
+    def weight_spec(self) -> "WeightSpec | None":
+        """The weight scheme this config asks for (None: weights stay float)."""
+        from llmq_fx.spec import WeightSpec
+
+        return None if self.w_bits is None else WeightSpec(self.w_bits, self.w_group_size, self.w_clip)
+
+    def activation_spec(self) -> "ActivationSpec | None":
+        """The activation scheme this config asks for (None: activations stay float). For dynamic
+        activations ``group_size`` is the upper bound ``a_group_size`` (``ActivationSpec.for_site``)."""
+        from llmq_fx.spec import ActivationSpec
+
+        if self.a_bits is None:
+            return None
+        return ActivationSpec(self.a_bits, self.a_symmetric, self.a_dynamic,
+                              (self.a_group_size or 0) if self.a_dynamic else 0, float(self.a_clip_ratio))
+
+    @classmethod
+    def coerce(cls, config: "QuantConfig | dict | None") -> "QuantConfig":
+        """``config`` as a ``QuantConfig``: None is the default recipe, a dict is read with ``from_dict``."""
+        if config is None:
+            return cls()
+        if isinstance(config, dict):
+            return cls.from_dict(config)
+        if not isinstance(config, cls):
+            raise ConfigError(f"a config must be a QuantConfig, a dict or None, got {type(config).__name__}")
+        return config
+
     def clusters_for(self, role: str) -> int:
         if isinstance(self.n_clusters, dict):
             return self.n_clusters.get(role, 1)

@@ -8,11 +8,12 @@ new pattern here, not a fork of the passes.
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import fx
 
+from llmq_fx.spec import SITE_META, SiteRecord
 from llmq_fx.stats import ActivationObserver
 
 __all__ = [
@@ -118,15 +119,21 @@ def is_skipped(path: str, patterns: list[str]) -> bool:
 
 @dataclass
 class ObserverSite:
-    """One activation site: an observer node, its producer and the Linears it feeds."""
+    """One activation site: an observer node, its producer, the Linears it feeds and its ``SiteRecord``."""
 
     observer: fx.Node
     producer: fx.Node
     consumers: list[fx.Node]
     module: ActivationObserver
-    name: str
-    role: str = "other"
-    info: dict = field(default_factory=dict)
+    record: SiteRecord
+
+    @property
+    def name(self) -> str:
+        return self.record.name
+
+    @property
+    def role(self) -> str:
+        return self.record.role
 
 
 def observer_sites(gm: fx.GraphModule) -> list[ObserverSite]:
@@ -138,11 +145,11 @@ def observer_sites(gm: fx.GraphModule) -> list[ObserverSite]:
         mod = gm.get_submodule(node.target)
         if not isinstance(mod, ActivationObserver):
             continue
-        meta = node.meta.get("llmq_site", {})
         consumers = [u for u in node.users if is_linear(u)]
-        sites.append(
-            ObserverSite(node, node.args[0], consumers, mod, meta.get("name", node.target), meta.get("role", "other"), meta)
-        )
+        record = node.meta.get(SITE_META)
+        if record is None:  # an observer inserted by hand: a record from what the graph says
+            record = node.meta[SITE_META] = SiteRecord(node.target, [module_path(c) for c in consumers])
+        sites.append(ObserverSite(node, node.args[0], consumers, mod, record))
     return sites
 
 

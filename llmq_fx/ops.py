@@ -12,7 +12,7 @@ import torch
 
 from llmq_fx import qmath
 
-__all__ = ["quantize_dequantize", "quantize_dequantize_dynamic", "dequantize_weight", "QDQ_OPS"]
+__all__ = ["quantize_dequantize", "quantize_dequantize_dynamic", "dequantize_weight"]
 
 
 @torch.library.custom_op("llmq::quantize_dequantize", mutates_args=())
@@ -50,9 +50,3 @@ def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, bits: int) -> 
 def _(qweight, scale, bits):
     return torch.empty(qweight.shape, dtype=torch.float32, device=qweight.device)
 
-
-QDQ_OPS = (
-    torch.ops.llmq.quantize_dequantize.default,
-    torch.ops.llmq.quantize_dequantize_dynamic.default,
-    torch.ops.llmq.dequantize_weight.default,
-)

@@ -10,8 +10,8 @@ With ``hessian=True`` (for GPTQ) it also accumulates the input's second-moment m
 token count it is ``X^T X / N``, half the Hessian of the layer's mean squared output error with
 respect to a weight row; GPTQ's updates do not depend on that factor.
 
-With an ``input_quant`` (the per-token dynamic quantizer the site's Linears will read through, known
-before calibration because it needs no statistics) the observer quantizes each batch itself and
+With an ``input_quant`` (a dynamic ``spec.ActivationSpec``: the quantizer the site's Linears will read
+through, known before calibration because it needs no statistics) the observer quantizes each batch itself and
 records, instead, the moments GPTQ needs to account for that quantization: ``hessian`` is
 ``sum_t q_t^T q_t`` of the quantized input ``q = Q(x)`` and ``cross`` is ``sum_t q_t^T x_t``
 (``qmath.input_aware_weight`` says what they are for). Per-channel statistics stay those of ``x``.
@@ -19,16 +19,15 @@ records, instead, the moments GPTQ needs to account for that quantization: ``hes
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from llmq_fx import qmath
 from llmq_fx.errors import StatisticsError
+from llmq_fx.spec import ActivationSpec
 
-__all__ = ["ChannelStats", "WeightStats", "weight_stats", "ActivationObserver", "InputQuantizer"]
+__all__ = ["ChannelStats", "WeightStats", "weight_stats", "ActivationObserver"]
 
 
 @dataclass(frozen=True)
@@ -64,24 +63,6 @@ def weight_stats(weight: torch.Tensor) -> WeightStats:
     return WeightStats(w.abs().amax(dim=0), w.amin(dim=1), w.amax(dim=1))
 
 
-@dataclass(frozen=True)
-class InputQuantizer:
-    """A per-token dynamic activation quantizer (``qmath.dynamic_fake_quantize``'s arguments)."""
-
-    bits: int
-    symmetric: bool = False
-    clip_ratio: float = 1.0
-    group_size: int = 0
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return qmath.dynamic_fake_quantize(x, self.bits, self.symmetric, self.clip_ratio, self.group_size)
-
-    def for_site(self, channels: int) -> "InputQuantizer":
-        """This quantizer at a site of ``channels`` inputs: ``group_size`` is an upper bound, resolved
-        by ``qmath.activation_group`` as ``InsertQDQPass`` resolves it for the deployed QDQ."""
-        return dataclasses.replace(self, group_size=qmath.activation_group(channels, self.group_size))
-
-
 class ActivationObserver(nn.Module):
     """Identity module that records per-channel min/max/mean/std of its input's last dimension.
 
@@ -91,10 +72,12 @@ class ActivationObserver(nn.Module):
     ``Q(X)^T X`` ([C, C] float32).
     """
 
-    def __init__(self, num_channels: int, hessian: bool = False, input_quant: InputQuantizer | None = None):
+    def __init__(self, num_channels: int, hessian: bool = False, input_quant: ActivationSpec | None = None):
         super().__init__()
         if input_quant is not None and not hessian:
             raise ValueError("input_quant needs hessian=True")
+        if input_quant is not None and not input_quant.dynamic:
+            raise ValueError("input_quant must be a dynamic activation spec (static ranges are only known after calibration)")
         if input_quant is not None and input_quant.group_size and num_channels % input_quant.group_size:
             raise ValueError(f"activation group size {input_quant.group_size} does not divide {num_channels} channels")
         self.num_channels = num_channels

@@ -20,6 +20,7 @@ from llmq_fx.errors import ConfigError
 from llmq_fx.export import OnnxCausalLM, onnx_qdq_report, to_onnx
 from llmq_fx.export.translation import TRANSLATION_TABLE
 from llmq_fx.passes import InsertQDQPass
+from llmq_fx.spec import ActivationSpec, WeightSpec
 from conftest import STATIC, static_config
 
 QDQ = torch.ops.llmq.quantize_dequantize.default
@@ -160,7 +161,7 @@ def _widest_cluster(stats: dict) -> np.ndarray:
 
 
 def _outlier_qdq_nodes(qgm) -> list[torch.fx.Node]:
-    return [n for n in qgm.graph.nodes if n.target is QDQ and n.meta["llmq_site"]["a_bits"] == 8]
+    return [n for n in qgm.graph.nodes if n.target is QDQ and n.meta["llmq_site"].activation.bits == 8]
 
 
 def test_mixed_effective_bits_by_hand(quantized):
@@ -185,7 +186,7 @@ def test_widest_cluster_is_quantized_at_outlier_bits(quantized):
     nodes = _outlier_qdq_nodes(qgm)
     assert len(nodes) == N_SITES
     for node in nodes:
-        stats = qgm.meta["llmq_fx"]["site_stats"][node.meta["llmq_site"]["name"]]
+        stats = qgm.meta["llmq_fx"]["site_stats"][node.meta["llmq_site"].name]
         outlier = _widest_cluster(stats)
         channels = qgm.get_buffer(node.args[0].args[2].target)  # index_select(x, -1, channels)
         np.testing.assert_array_equal(channels.numpy(), np.flatnonzero(outlier))
@@ -221,7 +222,7 @@ def test_outlier_clusters_are_capped_below_all_clusters(opt_gm, calib):
     cfg = static_config(n_clusters=4, a_outlier_bits=8, a_outlier_clusters=10)
     qgm = llmq_fx.quantize(opt_gm, calib, cfg, progress=False)
     for node in _outlier_qdq_nodes(qgm):
-        labels = qgm.meta["llmq_fx"]["site_stats"][node.meta["llmq_site"]["name"]]["labels"]
+        labels = qgm.meta["llmq_fx"]["site_stats"][node.meta["llmq_site"].name]["labels"]
         channels = qgm.get_buffer(node.args[0].args[2].target)
         assert len(torch.unique(labels[channels])) == len(torch.unique(labels)) - 1
 
@@ -254,7 +255,7 @@ def test_config_errors(config, match):
 
 def test_pass_refuses_dynamic_mixed_precision():
     with pytest.raises(ConfigError, match="a_dynamic"):
-        InsertQDQPass(4, 4, a_dynamic=True, a_outlier_bits=8)
+        InsertQDQPass(weight=WeightSpec(4), activation=ActivationSpec(4, dynamic=True), outlier_bits=8)
 
 
 # ---- grouped dynamic activations (a_group_size) ---------------------------------------------
@@ -298,7 +299,7 @@ def test_grouped_dynamic_model_exports_and_matches_pytorch(opt_gm, calib, eval_i
 def test_group_size_is_an_upper_bound_per_site(opt_gm, calib):
     # hidden 32 (q/k/v, out_proj, fc1 inputs), ffn 64 (fc2 input): groups of 32 split only fc2's input
     qgm = llmq_fx.quantize(opt_gm, calib, llmq_fx.QuantConfig(a_group_size=32), progress=False)
-    groups = {n.meta["llmq_site"]["role"]: n.args[4] for n in qgm.graph.nodes if n.target == QDQ_DYNAMIC}
+    groups = {n.meta["llmq_site"].role: n.args[4] for n in qgm.graph.nodes if n.target == QDQ_DYNAMIC}
     assert groups == {"qkv": 0, "out_proj": 0, "fc1": 0, "fc2": 32}
     rows = {r["module"]: r for r in llmq_fx.summary(qgm)}
     assert rows["model.decoder.layers.0.fc2"]["clusters"] == "per-token/32"

@@ -13,6 +13,7 @@ from llmq_fx import qmath
 from llmq_fx.calibrate import calibrate
 from llmq_fx.graph import linear_nodes, module_path, observer_sites
 from llmq_fx.passes import GPTQPass, InsertObserversPass
+from llmq_fx.spec import WeightSpec
 from llmq_fx.stats import ActivationObserver
 from conftest import static_config
 
@@ -145,7 +146,7 @@ def test_observer_hessian_is_xtx_over_all_tokens_and_follows_smoothing(opt_model
     calibrate(g, calib, batch_size=3, progress=False)  # two batches summed
     ref = _hooked_inputs(opt_model, calib.split(3))
     for site in observer_sites(g):
-        x = ref[site.info["consumers"][0]]
+        x = ref[site.record.consumers[0]]
         h_ref = x.T @ x / len(x)
         h = site.module.hessian_matrix()
         assert h.dtype == torch.float32
@@ -211,4 +212,4 @@ def test_gptq_config_errors(opt_gm, calib):
     calibrate(g, calib, progress=False)
     site = r"llmq_observer_.*\(model\.decoder\.layers\.0\.self_attn\.\{q_proj,k_proj,v_proj\}\)"
     with pytest.raises(llmq_fx.StatisticsError, match=site + ".*hessian=True"):
-        GPTQPass(4)(g)
+        GPTQPass(weight=WeightSpec(4))(g)

@@ -12,7 +12,8 @@ from llmq_fx import qmath
 from llmq_fx.calibrate import calibrate
 from llmq_fx.graph import observer_sites
 from llmq_fx.passes import GPTQPass, InsertObserversPass
-from llmq_fx.stats import ActivationObserver, InputQuantizer
+from llmq_fx.spec import ActivationSpec, WeightSpec
+from llmq_fx.stats import ActivationObserver
 from conftest import static_config
 
 
@@ -39,7 +40,7 @@ def layer_inputs(n_tokens=512, channels=24, seed=0):
 
 
 def test_observer_records_moments_of_its_quantized_input():
-    quant = InputQuantizer(4, symmetric=False, clip_ratio=0.9, group_size=8)
+    quant = ActivationSpec(4, symmetric=False, group_size=8, clip_ratio=0.9)
     obs = ActivationObserver(24, hessian=True, input_quant=quant)
     x = layer_inputs(60)
     for batch in x.reshape(3, 4, 5, 24):  # three [4, 5, 24] batches, summed
@@ -132,20 +133,20 @@ def test_act_aware_config_errors(opt_gm, calib):
     InsertObserversPass(hessian=True)(g)  # a Hessian, but of the float input
     calibrate(g, calib, progress=False)
     with pytest.raises(llmq_fx.StatisticsError, match=r"llmq_observer_.*did not quantize its input"):
-        GPTQPass(4, act_aware=0.5)(g)
+        GPTQPass(act_aware=0.5)(g)
     with pytest.raises(llmq_fx.ConfigError, match="gptq_act_aware"):
-        GPTQPass(4, act_aware=2.0)
+        GPTQPass(act_aware=2.0)
 
 
 def test_gptq_releases_each_sites_moments_once_used(opt_gm, calib):
     g = copy.deepcopy(opt_gm)
-    InsertObserversPass(input_quant=InputQuantizer(4, False, 0.9))(g)
+    InsertObserversPass(input_quant=ActivationSpec(4, False, clip_ratio=0.9))(g)
     calibrate(g, calib, progress=False)
     sites = observer_sites(g)
     assert all({"hessian", "cross"} <= dict(s.module.named_buffers()).keys() for s in sites)
-    GPTQPass(4, act_aware=0.5, skip=["lm_head"])(g)
+    GPTQPass(weight=WeightSpec(4), act_aware=0.5, skip=("lm_head",))(g)
     for s in sites:
         buffers = dict(s.module.named_buffers())
-        quantized = any(p != "lm_head" for p in s.info["consumers"])
+        quantized = any(p != "lm_head" for p in s.record.consumers)
         assert ("hessian" in buffers) == (not quantized), s.name  # lm_head's site was not used: kept
         assert s.module.stats().count > 0  # the channel statistics stay for InsertQDQPass

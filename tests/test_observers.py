@@ -54,7 +54,7 @@ def test_streaming_stats_equal_numpy_over_all_tokens(opt_model, opt_gm, calib):
     assert n == calib.numel()
     ref = _hooked_inputs(opt_model, calib.split(2))
     for site in observer_sites(g):
-        x = ref[site.info["consumers"][0]]
+        x = ref[site.record.consumers[0]]
         st = site.module.stats()
         assert st.count == x.shape[0]
         np.testing.assert_allclose(st.min.numpy(), x.min(0), rtol=1e-6, atol=1e-6)

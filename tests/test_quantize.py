@@ -98,7 +98,7 @@ def test_one_cluster_is_per_tensor_static_quantization(opt_gm, calib):
     calibrate(g, calib, progress=False)
     stats = {s.name: s.module.stats() for s in observer_sites(g)}
     for node in _act_qdq_nodes(qgm):
-        st = stats[node.meta["llmq_site"]["name"]]
+        st = stats[node.meta["llmq_site"].name]
         lo, hi = float(st.min.min()), float(st.max.max())
         scale, zp = np_scale_zp(np.array([lo]), np.array([hi]), 4)
         got_s, got_z = _buffer(qgm, node.args[1]), _buffer(qgm, node.args[2])
@@ -112,7 +112,7 @@ def _site_mse(gm, calib, k, features="minmax"):
     g = copy.deepcopy(gm)
     InsertObserversPass()(g)
     calibrate(g, calib, progress=False)
-    GroupChannelsPass(lambda role: k, features)(g)
+    GroupChannelsPass(n_clusters=k, features=features)(g)
     mses = {}
     for s in observer_sites(g):
         acts = []
@@ -124,7 +124,7 @@ def _site_mse(gm, calib, k, features="minmax"):
         from llmq_fx.passes.insert_qdq import cluster_ranges
 
         st = s.module.stats()
-        lo, hi = cluster_ranges(st.min, st.max, s.module.labels)
+        lo, hi = cluster_ranges(st.min, st.max, s.record.clusters.labels)
         scale, zp = qmath.minmax_scale_zero_point(lo, hi, 4, symmetric=False)
         mses[s.name] = float(((qmath.fake_quantize(x, scale, zp, 0, 15) - x) ** 2).mean())
     return mses

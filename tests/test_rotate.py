@@ -147,10 +147,16 @@ def test_rotation_lowers_w4a4_error_with_outlier_channels(calib, eval_ids):
     assert errs[True] < 0.5 * errs[False], errs
 
 
-def test_post_ln_is_rejected(opt350_model):
+def test_post_ln_is_rejected_when_required_and_left_untouched_otherwise(opt350_model):
     gm = llmq_fx.trace(opt350_model)
     with pytest.raises(UnsupportedModelError, match="rotation"):
-        RotatePass()(gm)
+        RotatePass(required=True)(gm)
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    code = gm.code
+    result = RotatePass()(gm)  # "auto": every pattern is checked before the first weight changes
+    assert not result.modified and gm.code == code
+    assert all(torch.equal(before[k], v) for k, v in gm.state_dict().items())
+    assert "post-LN" in gm.meta["llmq_fx"]["rotation_skipped"]
 
 
 def test_auto_rotation_skips_post_ln_and_true_insists(opt350_model, opt_gm, calib, eval_ids):

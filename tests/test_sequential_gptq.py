@@ -15,16 +15,19 @@ from llmq_fx.graph import observer_sites
 from llmq_fx.passes import GPTQPass, InsertObserversPass, InsertQDQPass
 from llmq_fx.passes import sequential_gptq
 from llmq_fx.passes.sequential_gptq import SequentialGPTQPass
-from llmq_fx.stats import ActivationObserver, InputQuantizer
+from llmq_fx.calibrate import calibration_batches
+from llmq_fx.spec import ActivationSpec, WeightSpec
+from llmq_fx.stats import ActivationObserver
 
-QUANT = InputQuantizer(4, symmetric=False, clip_ratio=0.9, group_size=16)
+QUANT = ActivationSpec(4, symmetric=False, group_size=16, clip_ratio=0.9)
 
 
 def _sequential(gm, calib, skip=(), strength=0.5, clip_search=None):
     observed = copy.deepcopy(gm)
     InsertObserversPass()(observed)
-    SequentialGPTQPass(calib, 4, QUANT, strength, batch_size=2, progress=False, skip=["lm_head", *skip], clip=True,
-                       clip_search=clip_search)(observed)
+    sequential = SequentialGPTQPass(weight=WeightSpec(4, clip=True), activation=QUANT, act_aware=strength,
+                                    skip=("lm_head", *skip), clip_search=clip_search)
+    sequential.with_calibration(calibration_batches(calib, 2), progress=False)(observed)
     return observed
 
 
@@ -68,13 +71,13 @@ def test_first_site_equals_one_pass_act_aware_gptq(opt_gm, calib):
     one = copy.deepcopy(opt_gm)
     InsertObserversPass(input_quant=QUANT)(one)
     calibrate(one, calib, batch_size=2, progress=False)
-    GPTQPass(4, act_aware=0.5, clip=True)(one)
+    GPTQPass(weight=WeightSpec(4, clip=True), act_aware=0.5)(one)
     first = observer_sites(seq)[0]
     later = observer_sites(seq)[3]
-    for path in first.info["consumers"]:
+    for path in first.record.consumers:
         assert torch.equal(seq.get_buffer(f"{path}.weight_int"), one.get_buffer(f"{path}.weight_int")), path
     # Downstream the quantized model's inputs differ from the float model's, and so do the weights.
-    path = later.info["consumers"][0]
+    path = later.record.consumers[0]
     assert not torch.equal(seq.get_buffer(f"{path}.weight_int"), one.get_buffer(f"{path}.weight_int"))
 
 
@@ -94,9 +97,9 @@ def test_quantized_lane_is_the_deployed_model(opt_gm, calib, monkeypatch, skip, 
     monkeypatch.setattr(sequential_gptq, "run_lockstep", spy)
     qgm = _sequential(opt_gm, calib, skip=skip, clip_search=clip_search)
     if clip_search:  # each site's choice is what its deployed QDQ node uses
-        chosen = {s.name: s.info["a_clip_ratio"] for s in observer_sites(qgm) if "a_clip_ratio" in s.info}
+        chosen = {s.name: s.record.activation.clip_ratio for s in observer_sites(qgm) if s.record.activation}
         assert len(chosen) == len(observer_sites(qgm)) - 1 and set(chosen.values()) <= set(clip_search)
-    InsertQDQPass(4, 4, a_dynamic=True, a_clip_ratio=0.9, a_group_size=16, skip=["lm_head", *skip])(qgm)
+    InsertQDQPass(weight=WeightSpec(4), activation=QUANT, skip=("lm_head", *skip))(qgm)
     observed = copy.deepcopy(opt_gm)
     InsertObserversPass()(observed)
     assert len(seen) == len(observer_sites(observed))
@@ -150,7 +153,7 @@ def test_clip_search_picks_the_ratio_of_least_output_error(opt_gm, calib):
     qgm = _sequential(opt_gm, calib, clip_search=[0.5, 0.9, 1.0])
     first = observer_sites(qgm)[0]
     x = _values(opt_gm, calib, {first.producer.name})[first.producer.name].reshape(-1, 32).double()
-    w = torch.cat([opt_gm.get_parameter(f"{p}.weight") for p in first.info["consumers"]]).detach().double()
+    w = torch.cat([opt_gm.get_parameter(f"{p}.weight") for p in first.record.consumers]).detach().double()
     errors = {}
     for r in (0.5, 0.9, 1.0):
         groups = x.reshape(len(x), -1, 16)
@@ -160,5 +163,5 @@ def test_clip_search_picks_the_ratio_of_least_output_error(opt_gm, calib):
         zp = torch.round(-lo / scale).clamp(0, 15)
         q = ((torch.round(groups / scale) + zp).clamp(0, 15) - zp) * scale
         errors[r] = float(((q.reshape(x.shape) - x) @ w.T).square().sum())
-    assert first.info["a_clip_ratio"] == min(errors, key=errors.get)
+    assert first.record.activation.clip_ratio == min(errors, key=errors.get)
     assert len(set(errors.values())) == 3

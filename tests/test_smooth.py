@@ -67,7 +67,7 @@ def test_scales_follow_smoothquant_formula(opt_gm, calib):
     w_absmax = np.max([np.abs(w).max(0) for w in ws], axis=0)
     ln_w = g.get_parameter("model.decoder.layers.0.self_attn_layer_norm.weight").detach().double().numpy().copy()
     alpha = 0.5
-    SmoothPass(alpha, ["qkv"])(g)
+    SmoothPass(alpha=alpha, sites=("qkv",))(g)
     expected = act_absmax**alpha / w_absmax ** (1 - alpha)
     got = ln_w / g.get_parameter("model.decoder.layers.0.self_attn_layer_norm.weight").detach().double().numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-5)
@@ -77,7 +77,7 @@ def test_transformed_stats_equal_recollected_stats(opt_gm, calib):
     g = copy.deepcopy(opt_gm)
     InsertObserversPass()(g)
     calibrate(g, calib, progress=False)
-    SmoothPass(0.5, ["qkv", "fc1", "fc2", "out_proj"])(g)
+    SmoothPass(alpha=0.5, sites=("qkv", "fc1", "fc2", "out_proj"))(g)
     transformed = {s.name: s.module.stats() for s in observer_sites(g)}
     for s in observer_sites(g):  # fresh observers on the smoothed graph, same tokens
         setattr(g, s.observer.target, ActivationObserver(s.module.num_channels))

@@ -28,6 +28,7 @@ from onnxscript import opset21 as op
 
 from llmq_fx import ops  # noqa: F401  (registers torch.ops.llmq)
 from llmq_fx import qmath
+from llmq_fx.spec import ActivationSpec
 
 __all__ = [
     "onnx_integer_type",
@@ -76,7 +77,8 @@ def quantize_dequantize_onnx(x, scale, zero_point, qmin: int, qmax: int):
 
 
 def quantize_dequantize_dynamic_onnx(x, bits: int, symmetric: bool, clip_ratio: float = 1.0, group_size: int = 0):
-    """Per-token QDQ, as ``torch.ops.llmq.quantize_dequantize_dynamic`` (``qmath.dynamic_fake_quantize``).
+    """Per-token QDQ, as ``torch.ops.llmq.quantize_dequantize_dynamic`` (``qmath.dynamic_fake_quantize``):
+    the op's arguments are read back into the ``spec.ActivationSpec`` they were built from.
 
     The range of each token (last axis) is reduced at run time and turned into a scale and zero
     point with ``qmath.minmax_scale_zero_point``'s formulas, op for op (division, round half to
@@ -90,22 +92,25 @@ def quantize_dequantize_dynamic_onnx(x, bits: int, symmetric: bool, clip_ratio: 
     copying the leading dims), the same subgraph runs with one block per group, and the result is
     reshaped back.
     """
+    spec = ActivationSpec.from_op_args(bits, symmetric, clip_ratio, group_size)
     channels = x.shape[-1]
     if not isinstance(channels, int):
         raise ValueError(f"dynamic activation QDQ needs a static channel count, got shape {x.shape}")
-    if group_size:
-        if channels % group_size:
-            raise ValueError(f"activation group size {group_size} does not divide {channels} channels")
+    if spec.group_size:
+        g = spec.group_size
+        if channels % g:
+            raise ValueError(f"activation group size {g} does not divide {channels} channels")
         lead = [0] * (len(x.shape) - 1)  # Reshape's 0: copy that dim (batch, sequence stay dynamic)
-        grouped = op.Reshape(x, op.Constant(value_ints=lead + [channels // group_size, group_size]))
-        out = _dynamic_rows(grouped, group_size, bits, symmetric, clip_ratio)
+        grouped = op.Reshape(x, op.Constant(value_ints=lead + [channels // g, g]))
+        out = _dynamic_rows(grouped, g, spec)
         return op.Reshape(out, op.Constant(value_ints=lead + [channels]))
-    return _dynamic_rows(x, channels, bits, symmetric, clip_ratio)
+    return _dynamic_rows(x, channels, spec)
 
 
-def _dynamic_rows(x, channels: int, bits: int, symmetric: bool, clip_ratio: float):
+def _dynamic_rows(x, channels: int, spec: ActivationSpec):
     """QDQ with one range per row of ``channels`` values (the last axis of ``x``)."""
-    qmin, qmax = qmath.integer_range(bits, symmetric)
+    symmetric, clip_ratio = spec.symmetric, spec.clip_ratio
+    qmin, qmax = spec.qrange
     elem_type, type_min, type_max = onnx_integer_type(qmin, qmax)
     last_axis = op.Constant(value_ints=[-1])
     zero = op.Constant(value_float=0.0)

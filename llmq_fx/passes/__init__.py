@@ -1,17 +1,34 @@
-"""Graph-rewrite passes, one per file, each a ``PassBase`` returning ``PassResult``."""
+"""Graph-rewrite passes, one per file, each an ``LlmqPass`` (a ``PassBase`` with one options object)."""
 
-from llmq_fx.passes.gptq import GPTQPass
-from llmq_fx.passes.group_channels import GroupChannelsPass, cluster_channels
-from llmq_fx.passes.insert_observers import InsertObserversPass
-from llmq_fx.passes.insert_qdq import InsertQDQPass
-from llmq_fx.passes.smooth import SmoothPass, smoothing_scales
+from llmq_fx.passes.base import CalibratedPass, LlmqPass
+from llmq_fx.passes.calibrate import CalibrateOptions, CalibratePass
+from llmq_fx.passes.gptq import GPTQOptions, GPTQPass
+from llmq_fx.passes.group_channels import GroupChannelsPass, GroupOptions, cluster_channels
+from llmq_fx.passes.insert_observers import InsertObserversPass, ObserveOptions
+from llmq_fx.passes.insert_qdq import InsertQDQPass, QDQOptions
+from llmq_fx.passes.rotate import RotateOptions, RotatePass
+from llmq_fx.passes.sequential_gptq import SequentialGPTQOptions, SequentialGPTQPass
+from llmq_fx.passes.smooth import SmoothOptions, SmoothPass, smoothing_scales
 
 __all__ = [
+    "LlmqPass",
+    "CalibratedPass",
+    "RotatePass",
+    "RotateOptions",
     "InsertObserversPass",
+    "ObserveOptions",
+    "CalibratePass",
+    "CalibrateOptions",
+    "SequentialGPTQPass",
+    "SequentialGPTQOptions",
     "SmoothPass",
+    "SmoothOptions",
     "GroupChannelsPass",
+    "GroupOptions",
     "GPTQPass",
+    "GPTQOptions",
     "InsertQDQPass",
+    "QDQOptions",
     "cluster_channels",
     "smoothing_scales",
 ]

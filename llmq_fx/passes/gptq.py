@@ -42,18 +42,21 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 
 import torch
 from torch import fx
-from torch.fx.passes.infra.pass_base import PassBase, PassResult
+from torch.fx.passes.infra.pass_base import PassResult
 
 from llmq_fx import ops  # noqa: F401  (registers torch.ops.llmq)
 from llmq_fx import qmath
 from llmq_fx.errors import ConfigError, StatisticsError, UnsupportedModelError
 from llmq_fx.graph import attr, is_skipped, module_path, observer_sites
+from llmq_fx.passes.base import LlmqPass
 from llmq_fx.passes.insert_qdq import insert_weight_dequant, is_integer_weight
+from llmq_fx.spec import WeightSpec
 
-__all__ = ["GPTQPass", "output_error"]
+__all__ = ["GPTQPass", "GPTQOptions", "output_error"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,51 +68,68 @@ def output_error(weight: torch.Tensor, weight_hat: torch.Tensor, hessian: torch.
     return float(((d @ h) * d).sum() / ((w @ h) * w).sum().clamp_min(torch.finfo(torch.float32).tiny))
 
 
-class GPTQPass(PassBase):
-    """Quantize every non-skipped Linear weight with GPTQ, using the Hessian its input observer recorded.
+@dataclass(frozen=True)
+class GPTQOptions:
+    """Options of ``GPTQPass``.
 
-    Args:
-        w_bits: weight bits (symmetric, zero point 0, as round-to-nearest).
-        w_group_size: input channels per scale, or None for one scale per output channel.
+    Attributes:
+        weight: the weight scheme (bits, per-channel or grouped scales, clipping search of the scales).
         act_order: visit columns by descending Hessian diagonal (group scales then static).
         damp: fraction of the mean Hessian diagonal added to the diagonal.
         block_size: columns per lazy batch update.
-        skip: module-path patterns of Linears left in float.
-        clip: search each row's (group's) clipping ratio for its scale (``qmath.weight_scale``).
         act_aware: None for plain GPTQ on ``X^T X``; a strength in [0, 1] to compensate the
             activation quantization the observers applied (observers inserted with ``input_quant``).
+        skip: module-path patterns of Linears left in float.
+    """
+
+    weight: WeightSpec = field(default_factory=WeightSpec)
+    act_order: bool = True
+    damp: float = 0.01
+    block_size: int = 128
+    act_aware: float | None = None
+    skip: tuple[str, ...] = ("lm_head",)
+
+    def __post_init__(self):
+        if self.act_aware is not None and not 0.0 <= self.act_aware <= 1.0:
+            raise ConfigError(f"config key 'gptq_act_aware' must be in [0, 1] or null, got {self.act_aware!r}")
+
+    @staticmethod
+    def config_fields(config) -> dict:
+        """The fields every GPTQ variant takes from a ``QuantConfig``."""
+        return dict(weight=config.weight_spec(), act_order=config.gptq_act_order, damp=config.gptq_damp,
+                    block_size=config.gptq_block_size, skip=tuple(config.skip))
+
+
+class GPTQPass(LlmqPass):
+    """Quantize every non-skipped Linear weight with GPTQ, using the Hessian its input observer recorded.
 
     Example:
-        >>> InsertObserversPass(hessian=True)(gm); calibrate(gm, calib_ids); SmoothPass(0.5, ["qkv"])(gm)
-        >>> GPTQPass(4, w_group_size=128)(gm); InsertQDQPass(4, 4, w_group_size=128)(gm)
+        >>> InsertObserversPass(hessian=True)(gm); CalibratePass().with_calibration(batches)(gm)
+        >>> GPTQPass(weight=WeightSpec(4, group_size=128))(gm)
+        >>> InsertQDQPass(weight=WeightSpec(4, group_size=128), activation=ActivationSpec(4, dynamic=False))(gm)
         >>> gm.meta["llmq_fx"]["gptq"]["model.decoder.layers.0.fc1"]["gptq_error"]
     """
 
-    def __init__(self, w_bits: int, w_group_size: int | None = None, act_order: bool = True, damp: float = 0.01,
-                 block_size: int = 128, skip: list[str] | None = None, clip: bool = False,
-                 act_aware: float | None = None):
-        super().__init__()
-        if act_aware is not None and not 0.0 <= act_aware <= 1.0:
-            raise ConfigError(f"config key 'gptq_act_aware' must be in [0, 1] or null, got {act_aware!r}")
-        self.act_aware = act_aware
-        self.clip = clip
-        self.w_bits = w_bits
-        self.w_group_size = w_group_size
-        self.act_order = act_order
-        self.damp = damp
-        self.block_size = block_size
-        self.skip = list(skip or [])
+    Options = GPTQOptions
+    stage = "gptq"
+
+    @classmethod
+    def from_config(cls, config) -> "GPTQPass | None":
+        if not config.gptq or config.w_bits is None or config.runs_sequential_gptq():
+            return None
+        act_aware = config.gptq_act_aware if config.act_aware_unavailable() is None else None
+        return cls(GPTQOptions(act_aware=None if act_aware is None else float(act_aware), **GPTQOptions.config_fields(config)))
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         records = gm.meta.setdefault("llmq_fx", {}).setdefault("gptq", {})
         modified = False
         for site in observer_sites(gm):
-            linears = [c for c in site.consumers if not is_skipped(module_path(c), self.skip)]
+            linears = [c for c in site.consumers if not is_skipped(module_path(c), self.options.skip)]
             linears = [c for c in linears if not is_integer_weight(c.args[1])]  # already integer
             if not linears:
                 continue
             hessian = self._site_hessian(site)
-            cross = self._site_cross(site) if self.act_aware is not None else None
+            cross = self._site_cross(site) if self.options.act_aware is not None else None
             for linear in linears:
                 records[module_path(linear)] = self._quantize_linear(gm, linear, hessian, site.name, cross)
                 modified = True
@@ -146,38 +166,39 @@ class GPTQPass(PassBase):
         if not (isinstance(w_node, fx.Node) and w_node.op == "get_attr"):
             raise UnsupportedModelError(f"GPTQ: the weight of {path} is computed in the graph, not a parameter")
         weight = attr(gm, w_node.target)
-        if self.w_group_size is not None and weight.shape[1] % self.w_group_size:
+        opts, spec = self.options, self.options.weight
+        if spec.group_size is not None and weight.shape[1] % spec.group_size:
             raise ConfigError(
-                f"config key 'w_group_size'={self.w_group_size} does not divide in_features={weight.shape[1]} of {path}"
+                f"config key 'w_group_size'={spec.group_size} does not divide in_features={weight.shape[1]} of {path}"
             )
         t0 = time.perf_counter()
         original = weight
         if cross is not None:
-            weight = qmath.input_aware_weight(weight, hessian, cross, self.act_aware, self.damp)
+            weight = qmath.input_aware_weight(weight, hessian, cross, opts.act_aware, opts.damp)
         try:
             qweight, scale = qmath.gptq_quantize_weight(
-                weight, hessian, self.w_bits, self.w_group_size, self.act_order, self.damp, self.block_size, self.clip
+                weight, hessian, spec.bits, spec.group_size, opts.act_order, opts.damp, opts.block_size, spec.clip
             )
         except StatisticsError as err:
             raise StatisticsError(f"{path} (input site {site_name}): {err}") from err
         seconds = time.perf_counter() - t0
         with torch.no_grad():
-            rtn = qmath.dequantize_weight(*qmath.quantize_weight(weight, self.w_bits, self.w_group_size, self.clip))
+            rtn = qmath.dequantize_weight(*spec.quantize(weight))
             record = {
                 "site": site_name,
                 "rtn_error": output_error(weight, rtn, hessian),
                 "gptq_error": output_error(weight, qmath.dequantize_weight(qweight, scale), hessian),
-                "w_bits": self.w_bits,
-                "w_group_size": self.w_group_size,
-                "act_order": self.act_order,
-                "damp": self.damp,
-                "clip": self.clip,
-                "act_aware": self.act_aware,
+                "w_bits": spec.bits,
+                "w_group_size": spec.group_size,
+                "act_order": opts.act_order,
+                "damp": opts.damp,
+                "clip": spec.clip,
+                "act_aware": opts.act_aware,
                 "seconds": seconds,
             }
             if cross is not None:
                 record["target_shift"] = output_error(original, weight, hessian)
-        insert_weight_dequant(gm, linear, path, qweight, scale, self.w_bits)
+        insert_weight_dequant(gm, linear, path, qweight, scale, spec.bits)
         logger.info("gptq %s: relative output error %.4g (round-to-nearest %.4g)",
                     path, record["gptq_error"], record["rtn_error"])
         return record

@@ -4,9 +4,9 @@ Pattern: every observer site (one per distinct Linear input).
 
 Rewrite: no node changes. The site's input channels are clustered with k-means on per-channel
 features from the observer -- ``minmax`` = (min, max) as RPTQ does, or ``maxstd`` = (absmax, std) --
-and the result is recorded on the observer module (``labels``, ``permutation``) and in the
-observer node's meta, for the quantization pass (one activation scale per cluster) and for a
-kernel or exporter that wants clusters contiguous (``x[..., permutation]``).
+and the result is recorded in the site's ``SiteRecord`` (``clusters``: labels, and the
+cluster-contiguous ``permutation`` a kernel or exporter would use, ``x[..., permutation]``), for the
+quantization pass (one activation scale per cluster).
 
 Clusters are numbered by increasing magnitude, so labels are stable across runs; k-means is seeded.
 ``n_clusters == 1`` is per-tensor and ``n_clusters >= channels`` is per-channel: the two ends of
@@ -17,18 +17,22 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
 from torch import fx
-from torch.fx.passes.infra.pass_base import PassBase, PassResult
+from torch.fx.passes.infra.pass_base import PassResult
 
 from llmq_fx.graph import observer_sites
+from llmq_fx.passes.base import LlmqPass
+from llmq_fx.spec import Clusters
 from llmq_fx.stats import ChannelStats
 
-__all__ = ["GroupChannelsPass", "cluster_channels", "channel_features"]
+__all__ = ["GroupChannelsPass", "GroupOptions", "cluster_channels", "channel_features"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,28 +70,46 @@ def cluster_channels(features: np.ndarray, n_clusters: int, seed: int = 0, n_ini
     return np.array([remap[int(r)] for r in raw], dtype=np.int64)
 
 
-class GroupChannelsPass(PassBase):
-    """Cluster each site's input channels; record labels and the cluster-contiguous permutation."""
+@dataclass(frozen=True)
+class GroupOptions:
+    """Options of ``GroupChannelsPass``.
 
-    def __init__(self, n_clusters, features: str = "minmax", seed: int = 0, n_init: int = 4):
-        super().__init__()
-        self.n_clusters = n_clusters  # callable role -> int
-        self.features = features
-        self.seed = seed
-        self.n_init = n_init
+    Attributes:
+        n_clusters: clusters per site, an int or a mapping by site role (roles absent: 1).
+        features: ``minmax`` (RPTQ) or ``maxstd`` k-means features.
+        seed, n_init: k-means determinism and restarts.
+    """
+
+    n_clusters: int | Mapping[str, int] = 8
+    features: str = "minmax"
+    seed: int = 0
+    n_init: int = 4
+
+    def clusters_for(self, role: str) -> int:
+        if isinstance(self.n_clusters, Mapping):
+            return self.n_clusters.get(role, 1)
+        return self.n_clusters
+
+
+class GroupChannelsPass(LlmqPass):
+    """Cluster each site's input channels; record the clusters in the site's ``SiteRecord``."""
+
+    Options = GroupOptions
+    stage = "group"
+
+    @classmethod
+    def from_config(cls, config) -> "GroupChannelsPass | None":
+        if config.a_bits is None or config.a_dynamic:
+            return None
+        n = dict(config.n_clusters) if isinstance(config.n_clusters, dict) else config.n_clusters
+        return cls(GroupOptions(n, config.cluster_features, config.seed, config.kmeans_n_init))
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        for site in observer_sites(gm):
-            k = self.n_clusters(site.role)
-            feats = channel_features(site.module.stats(), self.features)
-            labels = cluster_channels(feats, k, self.seed, self.n_init)
-            device = site.module.mean.device
-            labels_t = torch.as_tensor(labels, device=device)
-            site.module.register_buffer("labels", labels_t)
-            site.module.register_buffer("permutation", torch.argsort(labels_t, stable=True))
-            n_found = int(labels.max()) + 1
-            site.observer.meta["llmq_site"].update(
-                {"clusters": n_found, "clusters_requested": k, "cluster_features": self.features}
-            )
-            logger.debug("grouping %s: %d clusters", site.name, n_found)
-        return PassResult(gm, False)
+        sites = observer_sites(gm)
+        for site in sites:
+            k = self.options.clusters_for(site.role)
+            feats = channel_features(site.module.stats(), self.options.features)
+            labels = cluster_channels(feats, k, self.options.seed, self.options.n_init)
+            site.record.clusters = Clusters(torch.as_tensor(labels, device=site.module.mean.device), k, self.options.features)
+            logger.debug("grouping %s: %d clusters", site.name, site.record.clusters.count)
+        return PassResult(gm, bool(sites))

@@ -53,10 +53,11 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import fx
-from torch.fx.passes.infra.pass_base import PassBase, PassResult
+from torch.fx.passes.infra.pass_base import PassResult
 
 from llmq_fx.errors import UnsupportedModelError
 from llmq_fx.graph import (
@@ -71,8 +72,9 @@ from llmq_fx.graph import (
     set_attr,
     site_role,
 )
+from llmq_fx.passes.base import LlmqPass
 
-__all__ = ["RotatePass", "hadamard", "paley_hadamard", "random_orthogonal", "rotation_matrix", "kron_factors", "ONLINE_ROTATION_META"]
+__all__ = ["RotatePass", "RotateOptions", "hadamard", "paley_hadamard", "random_orthogonal", "rotation_matrix", "kron_factors", "ONLINE_ROTATION_META"]
 
 logger = logging.getLogger(__name__)
 
@@ -201,25 +203,73 @@ def kron_factors(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torc
 
 
 # -- the pass ---------------------------------------------------------------------------------
-class RotatePass(PassBase):
-    """Fuse residual, value-head and fc2-input rotations into the weights (plus online fc2 nodes)."""
+@dataclass(frozen=True)
+class RotateOptions:
+    """Options of ``RotatePass``.
 
-    def __init__(self, seed: int = 0, residual: bool = True, heads: bool = True, online: bool = True):
-        super().__init__()
-        self.seed = seed
-        self.residual = residual
-        self.heads = heads
-        self.online = online
+    Attributes:
+        seed: seed of the random signs (and of a random orthogonal factor where no Paley order fits).
+        required: an unsupported graph is an error (config ``rotate: true``); otherwise (``"auto"``)
+            the pass leaves the graph untouched, logs a warning and records why in
+            ``gm.meta["llmq_fx"]["rotation_skipped"]``.
+        residual, heads, online: which of the rotations (module docstring: 1-3, 4, 5) to apply.
+    """
+
+    seed: int = 0
+    required: bool = False
+    residual: bool = True
+    heads: bool = True
+    online: bool = True
+
+
+@dataclass
+class _ResidualPlan:
+    """Everything the residual rotation will touch, found and checked before any weight changes."""
+
+    norms: list
+    kind: str
+    writers: list[fx.Node]
+    readers: list[tuple[fx.Node, object]]
+
+
+class RotatePass(LlmqPass):
+    """Fuse residual, value-head and fc2-input rotations into the weights (plus online fc2 nodes).
+
+    Every pattern is matched and checked before the first weight is changed, so an unsupported graph
+    is reported (``required``) or skipped (``"auto"``) with the graph untouched.
+    """
+
+    Options = RotateOptions
+    stage = "rotate"
+
+    @classmethod
+    def from_config(cls, config) -> "RotatePass | None":
+        if not config.rotate:
+            return None
+        return cls(RotateOptions(seed=config.seed, required=config.rotate is True))
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        gen = torch.Generator().manual_seed(self.seed)
-        report = gm.meta.setdefault("llmq_fx", {}).setdefault("rotation", {})
-        if self.residual:
-            report["residual"] = self._rotate_residual(gm, gen)
-        if self.heads:
-            report["heads"] = self._rotate_heads(gm, gen)
-        if self.online:
-            report["online"] = self._online(gm, gen)
+        opts = self.options
+        meta = gm.meta.setdefault("llmq_fx", {})
+        try:
+            plan = _residual_plan(gm) if opts.residual else None
+            heads = _value_head_pairs(gm) if opts.heads else []
+            online = _online_targets(gm) if opts.online else []
+        except UnsupportedModelError as err:
+            if opts.required:
+                raise
+            meta["rotation_skipped"] = str(err)
+            logger.warning("rotate=auto: not rotating (%s)", err)
+            return PassResult(gm, False)
+        meta["rotation_skipped"] = None
+        gen = torch.Generator().manual_seed(opts.seed)
+        report = meta.setdefault("rotation", {})
+        if plan is not None:
+            report["residual"] = self._rotate_residual(gm, plan, gen)
+        if opts.heads:
+            report["heads"] = self._rotate_heads(gm, heads, gen)
+        if opts.online:
+            report["online"] = self._online(gm, online, gen)
         gm.graph.eliminate_dead_code()
         gm.graph.lint()
         gm.recompile()
@@ -227,55 +277,8 @@ class RotatePass(PassBase):
 
     # -- 1-3: residual stream -----------------------------------------------------------------
     @torch.no_grad()
-    def _rotate_residual(self, gm: fx.GraphModule, gen: torch.Generator) -> dict:
-        graph = gm.graph
-        norms = [na for n in graph.nodes if (na := norm_affine(n)) is not None]
-        if not norms:
-            raise UnsupportedModelError("rotation: no LayerNorm/RMSNorm found in the graph")
-        kinds = {na.kind for na in norms}
-        if len(kinds) != 1:
-            raise UnsupportedModelError(f"rotation: mixed norm kinds {sorted(kinds)} are not supported")
-        kind = kinds.pop()
-        norm_in = {na.node: _norm_input(na) for na in norms}
-        internal = set()
-        for na in norms:
-            internal |= _norm_internal(na, norm_in[na.node])
-
-        # Residual stream: walk up from the norm inputs through adds, views, casts, dropout.
-        residual, writers, stack = set(), [], list(norm_in.values())
-        while stack:
-            n = stack.pop()
-            if n in residual:
-                continue
-            residual.add(n)
-            if n.op == "call_function" and n.target == aten.add.Tensor and all(isinstance(a, fx.Node) for a in n.args[:2]):
-                stack.extend(n.args[:2])
-            elif n.op == "call_function" and n.target in _PASS_THROUGH:
-                stack.append(n.args[0])
-            elif is_linear(n) or (n.op == "call_function" and n.target == aten.embedding.default):
-                writers.append(n)
-            else:
-                is_norm = norm_affine(n) is not None or n.target == aten.layer_norm.default
-                hint = " (a norm on the residual stream: a post-LN block, as OPT-350m's)" if is_norm else ""
-                raise UnsupportedModelError(
-                    f"rotation: residual stream is produced by {n.name} ({n.op} {n.target}), not by an "
-                    f"embedding, a Linear or an add{hint}"
-                )
-        for n in residual:
-            for u in n.users:
-                if u in residual or u in internal or u.target in _IGNORED or (
-                    u.target in _PASS_THROUGH and _only_feeds(u, residual | internal)
-                ):
-                    continue
-                raise UnsupportedModelError(
-                    f"rotation: residual value {n.name} feeds {u.name} ({u.target}), which is neither a norm nor "
-                    "the residual add (post-LN or an unsupported block)"
-                )
-        readers: list[tuple[fx.Node, object]] = []
-        for na in norms:
-            for lin in _linear_readers(na.node):
-                readers.append((lin, na))
-
+    def _rotate_residual(self, gm: fx.GraphModule, plan: _ResidualPlan, gen: torch.Generator) -> dict:
+        norms, kind, writers, readers = plan.norms, plan.kind, plan.writers, plan.readers
         d = attr(gm, norms[0].weight.target).numel()
         # Drawn on the CPU generator (the same matrix whatever the device), used where the weights are.
         q = rotation_matrix(d, gen).to(attr(gm, norms[0].weight.target).device)
@@ -334,17 +337,10 @@ class RotatePass(PassBase):
 
     # -- 4: value heads -------------------------------------------------------------------------
     @torch.no_grad()
-    def _rotate_heads(self, gm: fx.GraphModule, gen: torch.Generator) -> dict:
+    def _rotate_heads(self, gm: fx.GraphModule, pairs, gen: torch.Generator) -> dict:
         done = []
-        for out in linear_nodes(gm.graph):
-            av = attention_value_source(out.args[0])
-            if av is None:
-                continue
-            attn, v_proj = av
-            val = attn.args[2].meta.get("val")
-            if val is None:
-                logger.info("rotation: no shape for %s, value heads not rotated", attn.name)
-                continue
+        for attn, v_proj, out in pairs:
+            val = attn.args[2].meta["val"]
             hd = int(val.shape[-1])
             h = rotation_matrix(hd, gen, random_signs=False)  # H_hd (a Paley-Kronecker Hadamard if hd is not a power of 2)
             vpath, opath = module_path(v_proj), module_path(out)
@@ -367,13 +363,11 @@ class RotatePass(PassBase):
 
     # -- 5: online fc2 input rotation -------------------------------------------------------------
     @torch.no_grad()
-    def _online(self, gm: fx.GraphModule, gen: torch.Generator) -> dict:
+    def _online(self, gm: fx.GraphModule, targets: list[fx.Node], gen: torch.Generator) -> dict:
         graph = gm.graph
         done = []
-        for lin in linear_nodes(graph):
+        for lin in targets:
             x = lin.args[0]
-            if site_role(x, [lin]) != "fc2":
-                continue
             path = module_path(lin)
             wt = _own_param(gm, lin, lin.args[1], f"{path}.weight")
             w = attr(gm, wt).detach().to(torch.float64)
@@ -403,6 +397,108 @@ class RotatePass(PassBase):
             lin.replace_input_with(x, v)
             done.append({"linear": path, "size": f, "factors": [a, b]})
         return {"fc2_inputs": done}
+
+
+def _residual_plan(gm: fx.GraphModule) -> _ResidualPlan:
+    """Find the norms, the residual stream's writers and the norms' Linear readers; raise
+    ``UnsupportedModelError`` for any pattern the rotation cannot absorb, before anything changes."""
+    graph = gm.graph
+    norms = [na for n in graph.nodes if (na := norm_affine(n)) is not None]
+    if not norms:
+        raise UnsupportedModelError("rotation: no LayerNorm/RMSNorm found in the graph")
+    kinds = {na.kind for na in norms}
+    if len(kinds) != 1:
+        raise UnsupportedModelError(f"rotation: mixed norm kinds {sorted(kinds)} are not supported")
+    kind = kinds.pop()
+    norm_in = {na.node: _norm_input(na) for na in norms}
+    internal = set()
+    for na in norms:
+        internal |= _norm_internal(na, norm_in[na.node])
+
+    # Residual stream: walk up from the norm inputs through adds, views, casts, dropout.
+    residual, writers, stack = set(), [], list(norm_in.values())
+    while stack:
+        n = stack.pop()
+        if n in residual:
+            continue
+        residual.add(n)
+        if n.op == "call_function" and n.target == aten.add.Tensor and all(isinstance(a, fx.Node) for a in n.args[:2]):
+            stack.extend(n.args[:2])
+        elif n.op == "call_function" and n.target in _PASS_THROUGH:
+            stack.append(n.args[0])
+        elif is_linear(n) or (n.op == "call_function" and n.target == aten.embedding.default):
+            writers.append(n)
+        else:
+            is_norm = norm_affine(n) is not None or n.target == aten.layer_norm.default
+            hint = " (a norm on the residual stream: a post-LN block, as OPT-350m's)" if is_norm else ""
+            raise UnsupportedModelError(
+                f"rotation: residual stream is produced by {n.name} ({n.op} {n.target}), not by an "
+                f"embedding, a Linear or an add{hint}"
+            )
+    for n in residual:
+        for u in n.users:
+            if u in residual or u in internal or u.target in _IGNORED or (
+                u.target in _PASS_THROUGH and _only_feeds(u, residual | internal)
+            ):
+                continue
+            raise UnsupportedModelError(
+                f"rotation: residual value {n.name} feeds {u.name} ({u.target}), which is neither a norm nor "
+                "the residual add (post-LN or an unsupported block)"
+            )
+    readers: list[tuple[fx.Node, object]] = []
+    for na in norms:
+        for lin in _linear_readers(na.node):
+            readers.append((lin, na))
+
+    for w in writers:
+        if w.target == aten.embedding.default:
+            _check_param(w, w.args[0])
+        else:
+            _check_param(w, w.args[1])
+            if len(w.args) > 2 and isinstance(w.args[2], fx.Node):
+                _check_param(w, w.args[2])
+    for lin, _ in readers:
+        _check_param(lin, lin.args[1])
+        if len(lin.args) > 2 and isinstance(lin.args[2], fx.Node):
+            _check_param(lin, lin.args[2])
+    for na in norms:
+        if na.kind == "layer_norm" and len(na.node.args[1]) != 1:
+            raise UnsupportedModelError(
+                f"rotation: {na.node.name} normalizes over {na.node.args[1]}, not the last dimension only"
+            )
+    return _ResidualPlan(norms, kind, writers, readers)
+
+
+def _value_head_pairs(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node, fx.Node]]:
+    """``(attention, v_proj, out_proj)`` of every attention whose value heads can be rotated."""
+    pairs = []
+    for out in linear_nodes(gm.graph):
+        av = attention_value_source(out.args[0])
+        if av is None:
+            continue
+        attn, v_proj = av
+        if attn.args[2].meta.get("val") is None:
+            logger.info("rotation: no shape for %s, value heads not rotated", attn.name)
+            continue
+        for lin in (v_proj, out):
+            _check_param(lin, lin.args[1])
+        if len(v_proj.args) > 2 and isinstance(v_proj.args[2], fx.Node):
+            _check_param(v_proj, v_proj.args[2])
+        pairs.append((attn, v_proj, out))
+    return pairs
+
+
+def _online_targets(gm: fx.GraphModule) -> list[fx.Node]:
+    """The fc2/down_proj Linears (input after the MLP activation) that get an online rotation."""
+    targets = [lin for lin in linear_nodes(gm.graph) if site_role(lin.args[0], [lin]) == "fc2"]
+    for lin in targets:
+        _check_param(lin, lin.args[1])
+    return targets
+
+
+def _check_param(user: fx.Node, node) -> None:
+    if not (isinstance(node, fx.Node) and node.op == "get_attr"):
+        raise UnsupportedModelError(f"rotation: {user.name} reads {node}, which is not a parameter")
 
 
 # -- helpers ------------------------------------------------------------------------------------

@@ -26,50 +26,73 @@ activations in memory at once.
 
 With ``clip_search`` (a list of ratios), each site's activation clip ratio is chosen before its
 moments are taken: the one minimizing ``sum ||(Q(X~) - X~) W^T||^2`` over the site's Linears on the
-quantized model's inputs. It is recorded in the observer node's ``llmq_site`` meta
-(``a_clip_ratio``) and ``InsertQDQPass`` builds that site's dynamic QDQ with it.
+quantized model's inputs. The site's scheme with that ratio is recorded in its ``SiteRecord``
+(``activation``) and ``InsertQDQPass`` builds that site's dynamic QDQ from it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass, field
 
 import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from llmq_fx.calibrate import calibration_batches, check_statistics
+from llmq_fx.calibrate import check_statistics
+from llmq_fx.errors import ConfigError
 from llmq_fx.graph import attr, is_skipped, module_path
 from llmq_fx.lockstep import SiteInputs, SiteResult, run_lockstep
-from llmq_fx.passes.gptq import GPTQPass
+from llmq_fx.passes.base import CalibratedPass
+from llmq_fx.passes.gptq import GPTQOptions, GPTQPass
 from llmq_fx.passes.insert_qdq import is_integer_weight
-from llmq_fx.stats import InputQuantizer
+from llmq_fx.spec import ActivationSpec
 
-__all__ = ["SequentialGPTQPass"]
+__all__ = ["SequentialGPTQPass", "SequentialGPTQOptions"]
 
 
-class SequentialGPTQPass(GPTQPass):
-    """Calibrate and GPTQ-quantize site by site on the quantized model's inputs (see the module docstring).
+@dataclass(frozen=True)
+class SequentialGPTQOptions(GPTQOptions):
+    """Options of ``SequentialGPTQPass``: ``GPTQOptions`` (``act_aware`` the strength in [0, 1]: 1 fits
+    the float model's output, 0 is plain GPTQ on ``Q(X~)``) and
 
-    Args:
-        calib: calibration token ids (``[N, T]`` LongTensor or an iterable of them).
-        input_quant: the per-token dynamic activation quantizer the Linears will read through
-            (its group size is an upper bound, resolved per site by ``InputQuantizer.for_site``).
-        act_aware: strength in [0, 1] (1 = fit the float model's output, 0 = plain GPTQ on ``Q(X~)``).
-        clip_search: candidate activation clip ratios, one chosen per site; None keeps ``input_quant``'s.
-        batch_size, progress: as ``calibrate``.
-        The other arguments are ``GPTQPass``'s.
-
-    After the pass, ``gm.meta["llmq_fx"]["calib_tokens"]`` holds the number of tokens seen.
+    Attributes:
+        activation: the dynamic activation scheme the Linears will read through (its group size an
+            upper bound, resolved per site by ``ActivationSpec.for_site``).
+        clip_search: candidate activation clip ratios, one chosen per site; None keeps ``activation``'s.
     """
 
-    def __init__(self, calib, w_bits: int, input_quant: InputQuantizer, act_aware: float = 0.5,
-                 batch_size: int = 4, progress: bool = True, clip_search: list[float] | None = None, **gptq_kwargs):
-        super().__init__(w_bits, act_aware=act_aware, **gptq_kwargs)
-        self.clip_search = list(clip_search or [])
-        self.batches = calibration_batches(calib, batch_size)
-        self.input_quant = input_quant
-        self.progress = progress
+    act_aware: float | None = 0.5
+    activation: ActivationSpec = field(default_factory=ActivationSpec)
+    clip_search: tuple[float, ...] | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.act_aware is None:
+            raise ConfigError("sequential GPTQ is activation-aware: 'gptq_act_aware' must be a strength in [0, 1]")
+        if not self.activation.dynamic:
+            raise ConfigError("sequential GPTQ needs dynamic activations (a_dynamic: true)")
+
+
+class SequentialGPTQPass(CalibratedPass, GPTQPass):
+    """Calibrate and GPTQ-quantize site by site on the quantized model's inputs (see the module docstring).
+
+    Runs on the calibration batches bound by ``with_calibration`` (``quantize()`` binds them). After
+    the pass, ``gm.meta["llmq_fx"]["calib_tokens"]`` holds the number of tokens seen.
+    """
+
+    Options = SequentialGPTQOptions
+    stage = "gptq"
+
+    @classmethod
+    def from_config(cls, config) -> "SequentialGPTQPass | None":
+        if not config.runs_sequential_gptq():
+            return None
+        clip = tuple(float(r) for r in config.a_clip_search) if config.a_clip_search else None
+        return cls(SequentialGPTQOptions(
+            act_aware=float(config.gptq_act_aware), activation=config.activation_spec(), clip_search=clip,
+            **GPTQOptions.config_fields(config),
+        ))
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         meta = gm.meta.setdefault("llmq_fx", {})
@@ -81,15 +104,16 @@ class SequentialGPTQPass(GPTQPass):
             site = inputs.site
             for x in inputs.ref:  # channel statistics of the float model's input, as calibrate() records
                 site.module(x)
-            linears = [c for c in site.consumers if not is_skipped(module_path(c), self.skip)]
+            linears = [c for c in site.consumers if not is_skipped(module_path(c), self.options.skip)]
             raw = [c for c in site.consumers if c not in linears]
             linears = [c for c in linears if not is_integer_weight(c.args[1])]
             if not linears:
                 return SiteResult(inputs.quant, raw_readers=raw)
             channels = site.module.num_channels
-            quant = self.input_quant.for_site(channels)
-            if self.clip_search:
-                quant = self._search_clip(gm, site, linears, quant, inputs.quant)
+            quant = self.options.activation.for_site(channels)
+            if self.options.clip_search:
+                quant = self._search_clip(gm, linears, quant, inputs.quant)
+                site.record.activation = quant
             device = inputs.quant[0].device
             hessian = torch.zeros(channels, channels, dtype=torch.float32, device=device)
             cross = torch.zeros_like(hessian)
@@ -111,29 +135,26 @@ class SequentialGPTQPass(GPTQPass):
                 modified = True
             return SiteResult(outputs, overrides, raw)
 
-        run_lockstep(gm, self.batches, on_site, self.progress)
+        batches = self._require_batches()
+        run_lockstep(gm, batches, on_site, self.progress)
         check_statistics(gm)
-        meta["calib_tokens"] = sum(b.numel() for b in self.batches)
+        meta["calib_tokens"] = sum(b.numel() for b in batches)
         gm.graph.eliminate_dead_code()
         gm.graph.lint()
         gm.recompile()
         return PassResult(gm, modified)
 
-    def _search_clip(self, gm, site, linears, quant: InputQuantizer, xs: list[torch.Tensor]) -> InputQuantizer:
-        """The clip ratio among ``clip_search`` minimizing ``sum ||(Q(X~) - X~) W^T||^2`` over the site's Linears.
-
-        The choice is kept in the observer node's ``llmq_site`` meta as ``a_clip_ratio``, where
-        ``InsertQDQPass`` reads it for that site's dynamic QDQ.
-        """
+    def _search_clip(self, gm, linears, quant: ActivationSpec, xs: list[torch.Tensor]) -> ActivationSpec:
+        """``quant`` with the clip ratio among ``clip_search`` minimizing ``sum ||(Q(X~) - X~) W^T||^2``
+        over the site's Linears."""
         weight = torch.cat([attr(gm, c.args[1].target).detach().float() for c in linears])
         errors = []
-        for ratio in self.clip_search:
+        for ratio in self.options.clip_search:
             candidate = dataclasses.replace(quant, clip_ratio=ratio)
             err = torch.zeros((), dtype=torch.float64, device=weight.device)
             for x in xs:
                 flat = x.reshape(-1, weight.shape[1]).float()
                 err += ((candidate(flat) - flat) @ weight.T).square().sum().double()
             errors.append(err)
-        best = self.clip_search[int(torch.stack(errors).argmin())]
-        site.observer.meta.setdefault("llmq_site", {})["a_clip_ratio"] = best
+        best = self.options.clip_search[int(torch.stack(errors).argmin())]
         return dataclasses.replace(quant, clip_ratio=best)

@@ -26,11 +26,13 @@ and the reason is recorded in ``gm.meta["llmq_fx"]["smoothing"]``.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 from torch import fx
-from torch.fx.passes.infra.pass_base import PassBase, PassResult
+from torch.fx.passes.infra.pass_base import PassResult
 
+from llmq_fx.passes.base import LlmqPass
 from llmq_fx.stats import weight_stats
 from llmq_fx.graph import (
     ObserverSite,
@@ -47,7 +49,7 @@ from llmq_fx.graph import (
     VIEW_OPS,
 )
 
-__all__ = ["SmoothPass", "SmoothingSite", "smoothing_scales"]
+__all__ = ["SmoothPass", "SmoothOptions", "SmoothingSite", "smoothing_scales"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,32 +68,45 @@ def smoothing_scales(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alph
 
 
 class SmoothingSite:
-    """Where a site's ``1/s`` is absorbed: tensors to divide by ``s`` (rows/vectors) upstream."""
+    """Where a site's ``1/s`` is absorbed: the upstream tensors (norm weight/bias, or a Linear's
+    output rows and bias) whose channel ``j`` (dim 0) is divided by ``s_j``."""
 
-    def __init__(self, site: ObserverSite, kind: str, upstream: list[tuple[str, int]]):
+    def __init__(self, site: ObserverSite, kind: str, upstream: list[str]):
         self.site = site
         self.kind = kind  # "norm" | "relu_fc1" | "gated_up" | "attention_v"
-        self.upstream = upstream  # (attribute target, dim along which channel j lives)
+        self.upstream = upstream  # get_attr targets
 
     def describe(self) -> str:
-        src = ", ".join(t for t, _ in self.upstream)
-        return f"{src} -> [{', '.join(module_path(c) for c in self.site.consumers)}]"
+        return f"{', '.join(self.upstream)} -> [{', '.join(module_path(c) for c in self.site.consumers)}]"
 
 
-class SmoothPass(PassBase):
+@dataclass(frozen=True)
+class SmoothOptions:
+    """Options of ``SmoothPass``: migration strength ``alpha`` in (0, 1], the site roles to smooth
+    (``qkv``, ``fc1``, ``fc2``, ``out_proj``) and the module-path patterns left in float (``skip``)."""
+
+    alpha: float = 0.5
+    sites: tuple[str, ...] = ("qkv", "fc1", "fc2", "out_proj")
+    skip: tuple[str, ...] = ("lm_head",)
+
+
+class SmoothPass(LlmqPass):
     """Fold SmoothQuant scales into norms / upstream Linears and consumer weight columns."""
 
-    def __init__(self, alpha: float, sites: list[str], skip: list[str] | None = None):
-        super().__init__()
-        self.alpha = alpha
-        self.sites = set(sites)
-        self.skip = list(skip or [])
+    Options = SmoothOptions
+    stage = "smooth"
+
+    @classmethod
+    def from_config(cls, config) -> "SmoothPass | None":
+        if config.smooth_alpha is None or not config.smooth_sites:
+            return None
+        return cls(SmoothOptions(float(config.smooth_alpha), tuple(config.smooth_sites), tuple(config.skip)))
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         report = gm.meta.setdefault("llmq_fx", {}).setdefault("smoothing", {})
         modified = False
         for site in observer_sites(gm):
-            if site.role not in self.sites:
+            if site.role not in self.options.sites:
                 report[site.name] = {"smoothed": False, "reason": f"role {site.role!r} not in smooth_sites"}
                 continue
             match, reason = self._match(gm, site)
@@ -100,12 +115,12 @@ class SmoothPass(PassBase):
                 logger.info("smoothing: skip %s (%s)", site.name, reason)
                 continue
             s = self._apply(gm, match)
-            site.observer.meta["llmq_site"]["smoothed"] = True
+            site.record.smoothed = True
             report[site.name] = {
                 "smoothed": True,
                 "kind": match.kind,
                 "fold": match.describe(),
-                "alpha": self.alpha,
+                "alpha": self.options.alpha,
                 "s_min": float(s.min()),
                 "s_max": float(s.max()),
             }
@@ -121,7 +136,7 @@ class SmoothPass(PassBase):
             return None, "observer output feeds a non-Linear op"
         for c in site.consumers:
             path = module_path(c)
-            if is_skipped(path, self.skip):
+            if is_skipped(path, self.options.skip):
                 return None, f"consumer {path} is skipped (stays float)"
             w = c.args[1]
             if not (isinstance(w, fx.Node) and w.op == "get_attr"):
@@ -136,8 +151,9 @@ class SmoothPass(PassBase):
             if len(producer.users) != 1:
                 others = [u.name for u in producer.users if u is not obs]
                 return None, f"norm {producer.name} output also feeds {others} (e.g. post-LN residual)"
-            upstream = [(norm.weight.target, 0)] + ([(norm.bias.target, 0)] if norm.bias is not None else [])
-            for node, _ in ((norm.weight, 0),) + (((norm.bias, 0),) if norm.bias is not None else ()):
+            params = [norm.weight] + ([norm.bias] if norm.bias is not None else [])
+            upstream = [p.target for p in params]
+            for node in params:
                 if attr_users_elsewhere(gm, node, producer):
                     return None, f"norm parameter {node.target} is shared"
             return SmoothingSite(site, "norm", upstream), ""
@@ -175,18 +191,18 @@ class SmoothPass(PassBase):
     def _linear_rows(self, gm, site, upstream_linear, kind):
         w = upstream_linear.args[1]
         path = module_path(upstream_linear)
-        if is_skipped(path, self.skip):
+        if is_skipped(path, self.options.skip):
             return None, f"upstream {path} is skipped"
         if not (isinstance(w, fx.Node) and w.op == "get_attr") or attr_users_elsewhere(gm, w, upstream_linear):
             return None, f"upstream {path} weight is shared or not a parameter"
         if attr(gm, w.target).shape[0] != site.module.num_channels:
             return None, f"upstream {path} has {attr(gm, w.target).shape[0]} outputs, site has {site.module.num_channels}"
-        upstream = [(w.target, 0)]
+        upstream = [w.target]
         b = upstream_linear.args[2] if len(upstream_linear.args) > 2 else None
         if isinstance(b, fx.Node):
             if b.op != "get_attr":
                 return None, f"upstream {path} bias is not a parameter"
-            upstream.append((b.target, 0))
+            upstream.append(b.target)
         return SmoothingSite(site, kind, upstream), ""
 
     # -- rewrite ---------------------------------------------------------------------------
@@ -195,12 +211,10 @@ class SmoothPass(PassBase):
         site = match.site
         weights = [attr(gm, c.args[1].target) for c in site.consumers]
         w_absmax = torch.stack([weight_stats(w).in_absmax for w in weights]).amax(dim=0)
-        s = smoothing_scales(site.module.stats().absmax, w_absmax, self.alpha)
-        for target, dim in match.upstream:
-            t = attr(gm, target)
-            shape = [1] * t.dim()
-            shape[dim] = -1
-            t.div_(s.to(t).reshape(shape))
+        s = smoothing_scales(site.module.stats().absmax, w_absmax, self.options.alpha)
+        for target in match.upstream:
+            t = attr(gm, target)  # channel j along dim 0: norm vectors, Linear output rows and biases
+            t.div_(s.to(t).reshape([-1] + [1] * (t.dim() - 1)))
         for w in weights:
             w.mul_(s.to(w)[None, :])
         site.module.scale_channels(s)
