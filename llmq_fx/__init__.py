@@ -21,10 +21,11 @@ from llmq_fx.errors import (
 )
 from llmq_fx.quantize import quantize
 from llmq_fx.recipe import Recipe, recipe
+from llmq_fx.serialize import load, save
 from llmq_fx.spec import ActivationSpec, WeightSpec
 from llmq_fx.summary import format_summary, summary
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def __getattr__(name):
@@ -39,6 +40,8 @@ __all__ = [
     "trace",
     "quantize",
     "recipe",
+    "save",
+    "load",
     "Recipe",
     "ActivationSpec",
     "WeightSpec",

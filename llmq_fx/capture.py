@@ -109,6 +109,10 @@ def trace(model: nn.Module, example_inputs: tuple[torch.Tensor] | torch.Tensor |
     gm = ep.module()
     if not linear_nodes(gm.graph):
         raise UnsupportedModelError(f"{cls} traced, but its graph has no aten.linear node to quantize")
-    gm.meta["llmq_fx"] = {"model_class": cls, "model_type": getattr(getattr(model, "config", None), "model_type", None)}
+    gm.meta["llmq_fx"] = {
+        "model_class": cls,
+        "model_type": getattr(getattr(model, "config", None), "model_type", None),
+        "max_seq_len": max_len,  # the sequence range the graph accepts (llmq_fx.save exports it again with it)
+    }
     logger.info("captured %s: %d nodes, %d linears", cls, len(gm.graph.nodes), len(linear_nodes(gm.graph)))
     return gm

@@ -1,19 +1,30 @@
-"""``llmq-fx`` command line: quantize, inspect, eval.
+"""``llmq-fx`` command line: quantize, recipe, inspect, eval, export.
 
     llmq-fx quantize --model opt-mini --calib calib --out runs/opt-mini --eval eval
+    llmq-fx recipe --config my.yaml          # the passes a config runs, before running anything
     llmq-fx inspect runs/opt-mini
     llmq-fx eval --model opt-mini --text eval
+    llmq-fx eval --graph runs/opt-mini --text eval    # the saved quantized graph (graph.pt2)
     llmq-fx eval --onnx runs/opt-mini/model.onnx --text eval
+    llmq-fx export runs/opt-mini             # graph.pt2 -> model.onnx, without recalibrating
+
+Every error a user can act on prints one line naming the file, key or node and exits with 2. A
+``quantize`` run writes into a temporary folder beside ``--out`` and renames it into place at the
+end: a run that fails leaves nothing behind (and an earlier result in ``--out`` untouched).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import platform
 import resource
+import shutil
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -37,9 +48,66 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+@contextlib.contextmanager
+def _staged_folder(out: Path):
+    """Yield a temporary folder beside ``out``; on success it replaces ``out``, on failure it is removed
+    (with any parent folders this created), so a failed run leaves nothing behind."""
+    out = out.expanduser().absolute()
+    created = []
+    parent = out.parent
+    while not parent.exists():
+        created.append(parent)
+        parent = parent.parent
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result is an ordinary folder
+    except OSError as err:
+        for d in created:
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise LlmqError(f"cannot create the output folder {out}: {err.strerror or err}") from None
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        for d in created:  # deepest first
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise
+    if out.exists() and not out.is_dir():
+        shutil.rmtree(staging, ignore_errors=True)
+        raise LlmqError(f"--out {out} exists and is not a folder")
+    for f in staging.iterdir():  # some writers (safetensors, mkstemp) make private files; these are results
+        f.chmod(0o666 & ~_umask())
+    old = None
+    if out.exists():  # keep the previous result until the new one is in place
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+        os.replace(out, old / out.name)
+    os.replace(staging, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _tokens(source: str, tokenizer, model, two_d: bool) -> torch.Tensor:
+    """Token ids of ``--calib``/``--eval``/``--text``: a token-id file, or text tokenized by the model's tokenizer."""
+    from llmq_fx.corpus import is_token_file, load_text, load_token_ids, tokenize
+
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if is_token_file(source):
+        return load_token_ids(source, vocab, two_d=two_d)
+    return tokenize(tokenizer, load_text(source))
+
+
 def _cmd_quantize(args) -> int:
     import llmq_fx
-    from llmq_fx.corpus import calibration_set, load_text, tokenize
+    from llmq_fx.corpus import calibration_set, is_token_file
     from llmq_fx.evaluate import perplexity
     from llmq_fx.models import load_model
 
@@ -50,91 +118,102 @@ def _cmd_quantize(args) -> int:
             + ("a_bits: null" if config.a_bits is None else "a_dynamic: true (per-token ranges, no clusters)")
             + "; pass --config with a_dynamic: false"
         )
+    passes = llmq_fx.recipe(config)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
 
+    # Everything that can fail on the user's inputs fails here, before any file is written.
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model)
     model.to(args.device)
     timings["load"] = time.perf_counter() - t0
-    calib_tokens = tokenize(tokenizer, load_text(args.calib))
-    calib = calibration_set(calib_tokens, args.calib_samples, args.seq_len)
+    if is_token_file(args.calib):
+        calib = _tokens(args.calib, tokenizer, model, two_d=True)
+        calib_info = {"ids": args.calib, "samples": int(calib.shape[0]), "seq_len": int(calib.shape[1])}
+    else:
+        calib = calibration_set(_tokens(args.calib, tokenizer, model, two_d=False), args.calib_samples, args.seq_len)
+        calib_info = {"text": args.calib, "samples": int(calib.shape[0]), "seq_len": args.seq_len}
+    calib_info["tokens"] = int(calib.numel())
+    eval_tokens = _tokens(args.eval, tokenizer, model, two_d=False).reshape(-1) if args.eval else None
 
-    t0 = time.perf_counter()
-    gm = llmq_fx.trace(model)
-    timings["trace"] = time.perf_counter() - t0
-    qgm = llmq_fx.quantize(gm, calib.to(args.device), config, progress=not args.quiet)
-    timings.update(qgm.meta["llmq_fx"]["timings_s"])
-    rows = llmq_fx.summary(qgm)
-    (out / "graph.txt").write_text(str(qgm.graph))
-    _write_site_stats(qgm, out / "stats.safetensors")
-
-    report = {
-        "model": args.model,
-        "model_class": type(model).__name__,
-        "config": config.to_dict(),
-        "calibration": {"text": args.calib, "samples": int(calib.shape[0]), "seq_len": args.seq_len, "tokens": int(calib.numel())},
-        "summary": rows,
-        "smoothing": qgm.meta["llmq_fx"].get("smoothing", {}),
-        "rotation": qgm.meta["llmq_fx"].get("rotation"),
-        "rotation_skipped": qgm.meta["llmq_fx"].get("rotation_skipped"),
-        "gptq": qgm.meta["llmq_fx"].get("gptq"),
-        "gptq_act_aware_skipped": qgm.meta["llmq_fx"].get("gptq_act_aware_skipped"),
-        "gptq_sequential": qgm.meta["llmq_fx"].get("gptq_sequential"),
-        "timings_s": timings,
-        "machine": {"python": platform.python_version(), "torch": torch.__version__, "device": args.device,
-                    "cpu_threads": torch.get_num_threads()},
-    }
-
-    onnx_path = None
-    if not args.no_onnx:
-        from llmq_fx.export import onnx_qdq_report, to_onnx
-
+    with _staged_folder(out) as stage:
         t0 = time.perf_counter()
-        onnx_path = to_onnx(qgm.to("cpu"), out / "model.onnx")
-        timings["export"] = time.perf_counter() - t0
-        report["onnx"] = onnx_qdq_report(onnx_path)
-        float_path = to_onnx(gm.to("cpu"), out / "model_float.onnx")
-        report["onnx_float"] = onnx_qdq_report(float_path)
-        report["onnx"]["size_ratio_to_float"] = report["onnx"]["file_bytes"] / report["onnx_float"]["file_bytes"]
-        if args.latency_runs:
-            report["latency_ms_per_window"] = _latencies(
-                {"pytorch_float": gm, "pytorch_quantized": qgm, "onnxruntime_float": float_path, "onnxruntime_w4a4": onnx_path},
-                calib[:1, : args.seq_len].cpu(), args.latency_runs,
-            )
+        gm = llmq_fx.trace(model)
+        timings["trace"] = time.perf_counter() - t0
+        qgm = llmq_fx.quantize(gm, calib.to(args.device), config, progress=not args.quiet)
+        timings.update(qgm.meta["llmq_fx"]["timings_s"])
+        (stage / "graph.txt").write_text(str(qgm.graph))
+        _write_site_stats(qgm, stage / "stats.safetensors")
+        t0 = time.perf_counter()
+        llmq_fx.save(qgm, stage / llmq_fx.serialize.GRAPH_FILE)
+        timings["save"] = time.perf_counter() - t0
 
-    if args.eval:
-        tokens = tokenize(tokenizer, load_text(args.eval))
-        ev = {"text": args.eval, "seq_len": args.seq_len, "windows": args.eval_windows}
-        t0 = time.perf_counter()
-        ev["float"] = perplexity(gm, tokens, args.seq_len, args.eval_windows).to_dict()
-        ev["float"]["seconds"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        ev["quantized"] = perplexity(qgm, tokens, args.seq_len, args.eval_windows).to_dict()
-        ev["quantized"]["seconds"] = time.perf_counter() - t0
-        if onnx_path is not None:
-            from llmq_fx.export import OnnxCausalLM
+        meta = qgm.meta["llmq_fx"]
+        report = {
+            "model": args.model,
+            "model_class": type(model).__name__,
+            "llmq_fx_version": llmq_fx.__version__,
+            "config": config.to_dict(),
+            "recipe": meta["recipe"],
+            "calibration": calib_info,
+            "summary": llmq_fx.summary(qgm),
+            "smoothing": meta.get("smoothing", {}),
+            "rotation": meta.get("rotation"),
+            "rotation_skipped": meta.get("rotation_skipped"),
+            "gptq": meta.get("gptq"),
+            "gptq_act_aware_skipped": meta.get("gptq_act_aware_skipped"),
+            "gptq_sequential": meta.get("gptq_sequential"),
+            "timings_s": timings,
+            "machine": {"python": platform.python_version(), "torch": torch.__version__, "device": args.device,
+                        "cpu_threads": torch.get_num_threads()},
+        }
+
+        onnx_path = None
+        if not args.no_onnx:
+            from llmq_fx.export import onnx_qdq_report, to_onnx
 
             t0 = time.perf_counter()
-            ev["onnxruntime"] = perplexity(OnnxCausalLM(onnx_path), tokens, args.seq_len, args.eval_windows).to_dict()
-            ev["onnxruntime"]["seconds"] = time.perf_counter() - t0
-        report["eval"] = ev
-        if args.cluster_sweep:
-            import dataclasses
+            onnx_path = to_onnx(qgm, stage / "model.onnx")
+            timings["export"] = time.perf_counter() - t0
+            report["onnx"] = onnx_qdq_report(onnx_path)
+            float_path = to_onnx(gm, stage / "model_float.onnx")
+            report["onnx_float"] = onnx_qdq_report(float_path)
+            report["onnx"]["size_ratio_to_float"] = report["onnx"]["file_bytes"] / report["onnx_float"]["file_bytes"]
+            if args.latency_runs:
+                report["latency_ms_per_window"] = _latencies(
+                    {"pytorch_float": gm, "pytorch_quantized": qgm, "onnxruntime_float": float_path,
+                     "onnxruntime_w4a4": onnx_path},
+                    calib[:1, : args.seq_len].cpu(), args.latency_runs,
+                )
 
-            sweep = []
-            for k in args.cluster_sweep:
-                qk = llmq_fx.quantize(gm, calib.to(args.device), dataclasses.replace(config, n_clusters=k), progress=False)
-                sweep.append({"n_clusters": k, "ppl": perplexity(qk, tokens, args.seq_len, args.eval_windows).ppl})
-                del qk
-            report["cluster_sweep"] = sweep
+        if eval_tokens is not None:
+            ev = {"text": args.eval, "seq_len": args.seq_len, "windows": args.eval_windows}
+            for name, runner in (("float", gm), ("quantized", qgm)):
+                t0 = time.perf_counter()
+                ev[name] = perplexity(runner, eval_tokens, args.seq_len, args.eval_windows).to_dict()
+                ev[name]["seconds"] = time.perf_counter() - t0
+            if onnx_path is not None:
+                from llmq_fx.export import OnnxCausalLM
 
-    report["peak_rss_mb"] = _peak_rss_mb()
-    if args.device.startswith("cuda"):
-        report["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    _write_atomic(out / "report.json", json.dumps(report, indent=2, default=str))
-    _print_result(report, out)
+                t0 = time.perf_counter()
+                ev["onnxruntime"] = perplexity(OnnxCausalLM(onnx_path), eval_tokens, args.seq_len, args.eval_windows).to_dict()
+                ev["onnxruntime"]["seconds"] = time.perf_counter() - t0
+            report["eval"] = ev
+            if args.cluster_sweep:
+                import dataclasses
+
+                sweep = []
+                for k in args.cluster_sweep:
+                    qk = llmq_fx.quantize(gm, calib.to(args.device), dataclasses.replace(config, n_clusters=k), progress=False)
+                    sweep.append({"n_clusters": k, "ppl": perplexity(qk, eval_tokens, args.seq_len, args.eval_windows).ppl})
+                    del qk
+                report["cluster_sweep"] = sweep
+
+        report["peak_rss_mb"] = _peak_rss_mb()
+        if args.device.startswith("cuda"):
+            report["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        _write_atomic(stage / "report.json", json.dumps(report, indent=2, default=str))
+    _print_result(report, out, passes.summary())
     return 0
 
 
@@ -146,9 +225,7 @@ def _write_site_stats(qgm, path: Path) -> None:
     for site, rec in qgm.meta["llmq_fx"].get("site_stats", {}).items():
         for key, t in rec.items():
             tensors[f"{site}/{key}"] = t.contiguous()
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp))
-    tmp.replace(path)
+    save_file(tensors, str(path))  # inside the staged output folder: complete or not there at all
 
 
 def _latencies(models: dict, window: torch.Tensor, runs: int) -> dict:
@@ -158,11 +235,12 @@ def _latencies(models: dict, window: torch.Tensor, runs: int) -> dict:
     result = {}
     for name, m in models.items():
         runner = OnnxCausalLM(m) if isinstance(m, Path) else m
+        device = next((p.device for p in getattr(m, "parameters", lambda: iter(()))()), torch.device("cpu"))
         times = []
         with torch.no_grad():
             for i in range(runs + 1):
                 t0 = time.perf_counter()
-                runner(window)
+                runner(window.to(device))
                 if i:
                     times.append((time.perf_counter() - t0) * 1000)
         result[name] = sorted(times)[len(times) // 2]
@@ -171,21 +249,11 @@ def _latencies(models: dict, window: torch.Tensor, runs: int) -> dict:
     return result
 
 
-def _print_result(report: dict, out: Path) -> None:
+def _print_result(report: dict, out: Path, recipe_line: str) -> None:
     cfg = report["config"]
-    gptq = "GPTQ" + ("" if report.get("gptq_act_aware_skipped") or cfg.get("gptq_act_aware") is None
-                     else f" act-aware {cfg['gptq_act_aware']}" + (" sequential" if report.get("gptq_sequential") else ""))
-    parts = [gptq if cfg.get("gptq") and cfg["w_bits"] else "RTN" if cfg["w_bits"] else None]
-    if cfg["a_bits"]:
-        parts.append(f"per-token/{cfg['a_group_size']}" if cfg.get("a_dynamic") and cfg.get("a_group_size")
-                     else "per-token" if cfg.get("a_dynamic") else f"n_clusters={cfg['n_clusters']}")
-        if report.get("gptq_sequential") and cfg.get("a_clip_search"):
-            parts.append("clip per site (search)")
-        elif cfg.get("a_clip_ratio", 1.0) != 1.0:
-            parts.append(f"clip {cfg['a_clip_ratio']}")
-    rotated = cfg.get("rotate") and not report.get("rotation_skipped")
-    parts += ["rotated" if rotated else None, f"smooth_alpha={cfg['smooth_alpha']}" if cfg["smooth_alpha"] is not None else None]
-    print(f"\nllmq_fx: {report['model']} W{cfg['w_bits'] or 16}A{cfg['a_bits'] or 16}, " + ", ".join(p for p in parts if p))
+    print(f"\nllmq_fx: {report['model']} W{cfg['w_bits'] or 16}A{cfg['a_bits'] or 16}: {recipe_line}")
+    if report.get("rotation_skipped"):
+        print(f"  (not rotated: {report['rotation_skipped']})")
     lines = [("", "value")]
     ev = report.get("eval")
     if ev:
@@ -206,18 +274,37 @@ def _print_result(report: dict, out: Path) -> None:
     w = max(len(a) for a, _ in lines)
     for a, b in lines:
         print(f"  {a.ljust(w)}  {b}")
-    print(f"  written: {out / 'report.json'}, {out / 'graph.txt'}" + (f", {out / 'model.onnx'}" if "onnx" in report else ""))
+    written = ["report.json", "graph.txt", "graph.pt2", "stats.safetensors"] + (["model.onnx"] if "onnx" in report else [])
+    print(f"  written to {out}: {', '.join(written)}")
+
+
+def _cmd_recipe(args) -> int:
+    import llmq_fx
+
+    config = llmq_fx.QuantConfig.from_file(args.config) if args.config else llmq_fx.QuantConfig()
+    passes = llmq_fx.recipe(config)
+    if args.json:
+        print(json.dumps(passes.to_dict(), indent=2))
+    else:
+        print(passes)
+        print(f"\n{passes.summary()}")
+    return 0
 
 
 def _cmd_inspect(args) -> int:
-    from llmq_fx.summary import format_summary
-
     from llmq_fx.errors import CheckpointError
+    from llmq_fx.summary import format_summary
 
     path = Path(args.dir) / "report.json"
     if not path.is_file():
         raise CheckpointError(f"no report.json in {args.dir}: run `llmq-fx quantize --out {args.dir}` first")
     report = json.loads(path.read_text())
+    if report.get("recipe"):
+        print("recipe:")
+        for p in report["recipe"]:
+            options = ", ".join(f"{k}={v!r}" for k, v in p["options"].items())
+            print(f"  {p['stage']:<9} {p['pass']}({options})")
+        print()
     print(format_summary(report["summary"]))
     skipped = {k: v["reason"] for k, v in report.get("smoothing", {}).items() if not v.get("smoothed")}
     if skipped:
@@ -232,8 +319,19 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
+def _report_model(folder: Path, given: str | None, what: str) -> str:
+    """The model (for its tokenizer) named by ``--model``, else by the report.json in ``folder``."""
+    from llmq_fx.errors import CheckpointError
+
+    if given is not None:
+        return given
+    report = folder / "report.json"
+    if report.is_file():
+        return json.loads(report.read_text())["model"]
+    raise CheckpointError(f"{what} needs --model (for the tokenizer) when no report.json lies in {folder}")
+
+
 def _cmd_eval(args) -> int:
-    from llmq_fx.corpus import load_text, tokenize
     from llmq_fx.errors import CheckpointError
     from llmq_fx.evaluate import perplexity
     from llmq_fx.models import load_model
@@ -244,41 +342,65 @@ def _cmd_eval(args) -> int:
         onnx_path = Path(args.onnx)
         if not onnx_path.is_file():
             raise CheckpointError(f"ONNX model not found: {onnx_path}")
-        model_name = args.model
-        report = onnx_path.parent / "report.json"
-        if model_name is None and report.is_file():
-            model_name = json.loads(report.read_text())["model"]
-        if model_name is None:
-            raise CheckpointError("--onnx needs --model (for the tokenizer) when no report.json lies beside it")
-        _, tokenizer = load_model(model_name)
-        runner = OnnxCausalLM(onnx_path)
-        label = str(onnx_path)
-    else:
-        if args.model is None:
-            raise CheckpointError("eval needs --model or --onnx")
+        model, tokenizer = load_model(_report_model(onnx_path.parent, args.model, "--onnx"))
+        runner, label = OnnxCausalLM(onnx_path), str(onnx_path)
+    elif args.graph:
+        import llmq_fx
+
+        folder = Path(args.graph)
+        graph_file = folder / llmq_fx.serialize.GRAPH_FILE if folder.is_dir() else folder
+        runner, label = llmq_fx.load(graph_file), str(graph_file)
+        model, tokenizer = load_model(_report_model(graph_file.parent, args.model, "--graph"))
+    elif args.model:
         runner, tokenizer = load_model(args.model)
-        label = args.model
-    tokens = tokenize(tokenizer, load_text(args.text))
+        model, label = runner, args.model
+    else:
+        raise CheckpointError("eval needs --model, --graph or --onnx")
+    tokens = _tokens(args.text, tokenizer, model, two_d=False).reshape(-1)
     t0 = time.perf_counter()
     res = perplexity(runner, tokens, args.seq_len, args.windows, progress=not args.quiet)
     print(json.dumps({"model": label, "text": args.text, **res.to_dict(), "seconds": time.perf_counter() - t0}, indent=2))
     return 0
 
 
+def _cmd_export(args) -> int:
+    import llmq_fx
+    from llmq_fx.export import onnx_qdq_report, to_onnx
+
+    folder = Path(args.dir)
+    graph_file = folder / llmq_fx.serialize.GRAPH_FILE if folder.is_dir() else folder
+    qgm = llmq_fx.load(graph_file)
+    out = Path(args.out) if args.out else graph_file.parent / "model.onnx"
+    t0 = time.perf_counter()
+    path = to_onnx(qgm, out)
+    report = onnx_qdq_report(path)
+    print(f"wrote {path} ({report['file_bytes'] / 2**20:.2f} MiB, {report['int4_weight_initializers']} INT4 weights, "
+          f"{report['quantize_linear']} QuantizeLinear) in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
+    from llmq_fx.config import QuantConfig
+    from llmq_fx.recipe import recipe
+
+    default_recipe = recipe(QuantConfig()).summary()
     p = argparse.ArgumentParser(prog="llmq-fx", description="W4A4 quantization of LLMs as torch.fx graph passes")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="cmd", required=True)
+    ids_help = "a token-id file (.npy/.pt/.safetensors"
 
-    q = sub.add_parser("quantize", help="quantize a model, write report.json, graph.txt and model.onnx")
+    q = sub.add_parser("quantize", help="quantize a model; write report.json, graph.txt, graph.pt2 and model.onnx",
+                       description=f"Default recipe (no --config): {default_recipe}.")
     q.add_argument("--model", default="opt-mini", help="built-in name (opt-mini, smollm2-135m, opt-tiny-random) or HF folder")
-    q.add_argument("--calib", default="calib", help="built-in corpus (calib) or a text file")
-    q.add_argument("--config", help="YAML/TOML/JSON QuantConfig (default: W4A4, alpha 0.5, 8 clusters)")
-    q.add_argument("--out", required=True, help="output folder")
-    q.add_argument("--eval", help="built-in corpus (eval) or text file: add float and quantized perplexity")
-    q.add_argument("--seq-len", type=int, default=512)
-    q.add_argument("--calib-samples", type=int, default=32, help="calibration windows of --seq-len tokens")
-    q.add_argument("--eval-windows", type=int, default=16)
+    q.add_argument("--calib", default="calib",
+                   help=f"built-in corpus (calib), a UTF-8 text file, or {ids_help} of an integer [N, T] array, used as "
+                        "it is: --calib-samples and --seq-len then do not apply)")
+    q.add_argument("--config", help=f"YAML/TOML/JSON file of QuantConfig keys (default: {default_recipe})")
+    q.add_argument("--out", required=True, help="output folder (written in a temporary folder, renamed at the end)")
+    q.add_argument("--eval", help=f"built-in corpus (eval), a text file or {ids_help}): add float and quantized perplexity")
+    q.add_argument("--seq-len", type=int, default=512, help="tokens per calibration and evaluation window (default 512)")
+    q.add_argument("--calib-samples", type=int, default=32, help="calibration windows of --seq-len tokens (default 32)")
+    q.add_argument("--eval-windows", type=int, default=16, help="evaluation windows (default 16)")
     q.add_argument("--cluster-sweep", type=int, nargs="+", metavar="K",
                    help="with --eval: also quantize with each n_clusters K and record perplexity (for plots)")
     q.add_argument("--device", default="cpu")
@@ -287,19 +409,30 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--quiet", action="store_true")
     q.set_defaults(func=_cmd_quantize)
 
-    i = sub.add_parser("inspect", help="print the per-Linear summary of a quantize output folder")
+    r = sub.add_parser("recipe", help="print the passes a config runs, with their options, without running them")
+    r.add_argument("--config", help=f"YAML/TOML/JSON file of QuantConfig keys (default: {default_recipe})")
+    r.add_argument("--json", action="store_true", help="as JSON (what report.json records)")
+    r.set_defaults(func=_cmd_recipe)
+
+    i = sub.add_parser("inspect", help="print the recipe and per-Linear summary of a quantize output folder")
     i.add_argument("dir")
     i.add_argument("--plots", action="store_true", help="write PNG plots next to the report")
     i.set_defaults(func=_cmd_inspect)
 
-    e = sub.add_parser("eval", help="perplexity of a model or an exported ONNX file")
-    e.add_argument("--model")
+    e = sub.add_parser("eval", help="perplexity of a model, a saved quantized graph or an exported ONNX file")
+    e.add_argument("--model", help="built-in name or HF folder (with --graph/--onnx: only its tokenizer is used)")
+    e.add_argument("--graph", help="a quantize output folder (its graph.pt2) or a .pt2 file from llmq_fx.save")
     e.add_argument("--onnx")
-    e.add_argument("--text", default="eval")
+    e.add_argument("--text", default="eval", help=f"built-in corpus (eval), a text file or {ids_help})")
     e.add_argument("--seq-len", type=int, default=512)
     e.add_argument("--windows", type=int, default=16)
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_cmd_eval)
+
+    x = sub.add_parser("export", help="export a saved quantized graph (graph.pt2) to ONNX without recalibrating")
+    x.add_argument("dir", help="a quantize output folder, or a .pt2 file")
+    x.add_argument("--out", help="the .onnx file to write (default: model.onnx beside graph.pt2)")
+    x.set_defaults(func=_cmd_export)
     return p
 
 
@@ -310,12 +443,17 @@ def main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore")
         for noisy in ("torch.onnx", "torch._export", "torch.export", "torch.fx.experimental.symbolic_shapes"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
+    if getattr(args, "quiet", False):
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
     try:
         return args.func(args)
     except (LlmqError, FileNotFoundError, NotADirectoryError, PermissionError, ValueError) as err:
         if args.debug:
             raise
-        print(f"llmq-fx: error: {err}", file=sys.stderr)
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"llmq-fx: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -66,12 +66,35 @@ def _load_hf_folder(folder: Path, dtype: torch.dtype) -> tuple[nn.Module, object
     weights = list(folder.glob("*.safetensors")) + list(folder.glob("*.bin"))
     if not weights:
         raise CheckpointError(f"{folder} has a config but no weights (*.safetensors or *.bin)")
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+    for f in weights:
+        _check_weights_file(f)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+    except Exception as err:  # transformers/safetensors/torch raise many types for a bad checkpoint
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise CheckpointError(f"cannot load the weights in {folder}: {first}") from err
     # A weights-only folder is still quantizable from token ids; AutoTokenizer would otherwise
     # build an empty tokenizer from the model type alone.
     tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
     tokenizer = _load_tokenizer(folder) if any((folder / f).is_file() for f in tokenizer_files) else None
     return model.eval(), tokenizer
+
+
+def _check_weights_file(path: Path) -> None:
+    """A readable weights file: a safetensors header that parses and whose tensors lie inside the file
+    (a truncated or corrupt file is caught here, naming it, before transformers reads it)."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                f.keys()
+        else:
+            with open(path, "rb") as f:
+                f.read(1)
+    except Exception as err:  # SafetensorError, OSError, ...
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise CheckpointError(f"corrupt or unreadable weights file {path}: {first}") from None
 
 
 def _smollm2_folder(install: bool = True) -> Path:

@@ -16,6 +16,8 @@ A new pass is a new entry in ``PIPELINE`` (with its ``from_config``), not a new 
 
 from __future__ import annotations
 
+import dataclasses
+
 from llmq_fx.config import QuantConfig
 from llmq_fx.passes.base import LlmqPass
 from llmq_fx.passes.calibrate import CalibratePass
@@ -55,6 +57,39 @@ class Recipe(list):
     def to_dict(self) -> list[dict]:
         """JSON-able: ``[{"stage", "pass", "options"}, ...]`` (what ``report.json`` records)."""
         return [p.to_dict() for p in self]
+
+    def summary(self) -> str:
+        """One line: the stages, then the weight and activation schemes (for help texts and logs)."""
+        parts = [" -> ".join(self.stages())]
+        qdq = next((p for p in self if isinstance(p, InsertQDQPass)), None)
+        gptq = next((p for p in self if isinstance(p, GPTQPass)), None)
+        rotate = next((p for p in self if isinstance(p, RotatePass)), None)
+        if rotate is not None:
+            parts.append("Hadamard rotation" + ("" if rotate.options.required else " where the graph allows it"))
+        if qdq is not None and qdq.options.weight is not None:
+            how = "round-to-nearest"
+            if gptq is not None:
+                how = "GPTQ" + (f" act-aware {gptq.options.act_aware:g}" if gptq.options.act_aware is not None else "")
+                how += " sequential" if isinstance(gptq, SequentialGPTQPass) else ""
+            parts.append(f"{qdq.options.weight} by {how}")
+        else:
+            parts.append("float weights")
+        act = qdq.options.activation if qdq is not None else None
+        if act is None:
+            parts.append("float activations")
+        else:
+            searched = isinstance(gptq, SequentialGPTQPass) and gptq.options.clip_search
+            text = str(dataclasses.replace(act, clip_ratio=1.0)) if searched else str(act)
+            if searched:
+                text += f", clip per site from {list(gptq.options.clip_search)}"
+            group = next((p for p in self if isinstance(p, GroupChannelsPass)), None)
+            if group is not None:
+                text += f", k-means clusters {group.options.n_clusters}"
+            parts.append(text)
+        smooth = next((p for p in self if isinstance(p, SmoothPass)), None)
+        if smooth is not None:
+            parts.append(f"SmoothQuant alpha {smooth.options.alpha:g} at {list(smooth.options.sites)}")
+        return "; ".join(parts)
 
 
 def recipe(config: QuantConfig | dict | None = None) -> Recipe:

@@ -1,12 +1,16 @@
 import json
+import shutil
 
+import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 from transformers import OPTConfig, OPTForCausalLM, T5Config
 
+import llmq_fx
 from llmq_fx.cli import main
 from llmq_fx.errors import CheckpointError
-from llmq_fx.models import load_model
+from llmq_fx.models import load_model, tiny_opt_config
 
 
 def test_quantize_writes_report_and_graph_then_inspect(tmp_path, capsys):
@@ -23,10 +27,71 @@ def test_quantize_writes_report_and_graph_then_inspect(tmp_path, capsys):
     assert report["eval"]["float"]["tokens"] == 2 * 63
     assert report["eval"]["quantized"]["ppl"] > 1
     assert "llmq.quantize_dequantize" in (out / "graph.txt").read_text()
+    assert report["recipe"] == llmq_fx.recipe(llmq_fx.QuantConfig()).to_dict()
+    assert (out / "graph.pt2").is_file() and (out / "stats.safetensors").is_file()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no staging folder left
     capsys.readouterr()
     assert main(["inspect", str(out)]) == 0
     table = capsys.readouterr().out
-    assert "model.decoder.layers.1.fc2" in table and "lm_head" in table
+    assert "model.decoder.layers.1.fc2" in table and "lm_head" in table and "SequentialGPTQPass(" in table
+
+    # The saved graph is evaluated and exported again without recalibrating, with the same figures.
+    assert main(["eval", "--graph", str(out), "--seq-len", "64", "--windows", "2", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["ppl"] == report["eval"]["quantized"]["ppl"]
+    assert main(["export", str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out and (out / "model.onnx").is_file()
+    assert main(["eval", "--onnx", str(out / "model.onnx"), "--seq-len", "64", "--windows", "2", "--quiet"]) == 0
+    ort_ppl = json.loads(capsys.readouterr().out)["ppl"]
+    assert abs(ort_ppl / report["eval"]["quantized"]["ppl"] - 1) < 0.01
+
+
+def test_recipe_command_prints_the_passes_before_running_them(tmp_path, capsys):
+    assert main(["recipe"]) == 0
+    text = capsys.readouterr().out
+    assert text.splitlines()[0].startswith("rotate    RotatePass(") and "SequentialGPTQPass(" in text
+    (tmp_path / "static.yaml").write_text("rotate: false\na_dynamic: false\ngptq: false\nsmooth_alpha: 0.5\n")
+    assert main(["recipe", "--config", str(tmp_path / "static.yaml"), "--json"]) == 0
+    stages = [p["stage"] for p in json.loads(capsys.readouterr().out)]
+    assert stages == ["observe", "calibrate", "smooth", "group", "quantize"]
+
+
+def test_help_states_the_current_default_recipe(capsys):
+    with pytest.raises(SystemExit):
+        main(["quantize", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert llmq_fx.recipe().summary() in text and "8 clusters" not in text
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".pt", ".safetensors"])
+def test_token_id_calibration(tmp_path, suffix):
+    ids = torch.randint(0, 8192, (4, 32), generator=torch.Generator().manual_seed(0))
+    path = tmp_path / f"ids{suffix}"
+    if suffix == ".npy":
+        np.save(path, ids.numpy())
+    elif suffix == ".pt":
+        torch.save(ids, path)
+    else:
+        save_file({"input_ids": ids}, str(path))
+    out = tmp_path / "run"
+    assert main(["quantize", "--model", "opt-tiny-random", "--calib", str(path), "--out", str(out), "--no-onnx", "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["calibration"] == {"ids": str(path), "samples": 4, "seq_len": 32, "tokens": 128}
+    assert llmq_fx.load(out / "graph.pt2").meta["llmq_fx"]["calib_tokens"] == 128
+
+
+def test_a_failed_run_leaves_nothing_and_keeps_the_previous_result(tmp_path):
+    out = tmp_path / "run"
+    args = ["quantize", "--model", "opt-tiny-random", "--out", str(out), "--seq-len", "32", "--calib-samples", "2",
+            "--no-onnx", "--quiet"]
+    assert main(args) == 0
+    before = (out / "report.json").read_text()
+    (tmp_path / "g24.json").write_text('{"w_group_size": 24}')  # fails inside quantize(), after the staging folder exists
+    assert main(args + ["--config", str(tmp_path / "g24.json")]) == 2
+    assert (out / "report.json").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g24.json", "run"]
+    deep = tmp_path / "new" / "deeper" / "run"
+    assert main(args[:4] + [str(deep)] + args[5:] + ["--config", str(tmp_path / "g24.json")]) == 2
+    assert not (tmp_path / "new").exists()
 
 
 @pytest.mark.parametrize(
@@ -40,16 +105,52 @@ def test_quantize_writes_report_and_graph_then_inspect(tmp_path, capsys):
          "--cluster-sweep varies n_clusters of static activations, but the config has a_dynamic: true"),
         (["inspect", "{tmp}/nothing"], "no report.json"),
         (["eval", "--onnx", "{tmp}/missing.onnx"], "ONNX model not found"),
+        (["eval", "--graph", "{tmp}"], "graph file not found: {tmp}/graph.pt2"),
+        (["export", "{tmp}/nothing.pt2"], "graph file not found: {tmp}/nothing.pt2"),
+        (["quantize", "--model", "{tmp}/corrupt", "--out", "{tmp}/o"],
+         "corrupt or unreadable weights file {tmp}/corrupt/model.safetensors: Error while deserializing header"),
+        (["quantize", "--model", "{tmp}/truncated", "--out", "{tmp}/o"],
+         "corrupt or unreadable weights file {tmp}/truncated/model.safetensors: Error while deserializing header: incomplete metadata"),
+        (["quantize", "--model", "opt-tiny-random", "--calib", "{tmp}/latin1.txt", "--out", "{tmp}/o"],
+         "text file {tmp}/latin1.txt is not UTF-8: byte 0xe9 at offset 3"),
+        (["quantize", "--model", "opt-tiny-random", "--calib", "{tmp}", "--out", "{tmp}/o"], "{tmp} is a folder, not a text file"),
+        (["quantize", "--model", "{tmp}/notok", "--out", "{tmp}/o"], "this model has no tokenizer; pass token ids"),
+        (["quantize", "--model", "opt-tiny-random", "--calib", "{tmp}/float.npy", "--out", "{tmp}/o"],
+         "token ids in {tmp}/float.npy must be integers, got torch.float32"),
+        (["quantize", "--model", "opt-tiny-random", "--calib", "{tmp}/flat.npy", "--out", "{tmp}/o"],
+         "token ids in {tmp}/flat.npy must be an [N, T] array, got shape (64,)"),
+        (["quantize", "--model", "opt-tiny-random", "--calib", "{tmp}/big.npy", "--out", "{tmp}/o"],
+         "token ids in {tmp}/big.npy range over [9000, 9000], outside the model's vocabulary [0, 8192)"),
+        (["quantize", "--model", "opt-tiny-random", "--calib", "{tmp}/garbage.npy", "--out", "{tmp}/o"],
+         "{tmp}/garbage.npy is not a NumPy .npy file"),
+        (["quantize", "--model", "opt-tiny-random", "--calib", "{tmp}/dict.pt", "--out", "{tmp}/o"],
+         "{tmp}/dict.pt must hold one tensor of token ids"),
     ],
 )
 def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys, argv, message):
     T5Config().save_pretrained(tmp_path / "t5")
     (tmp_path / "bad.yaml").write_text("n_cluster: 8\n")
+    torch.manual_seed(0)
+    OPTForCausalLM(tiny_opt_config(64)).save_pretrained(tmp_path / "notok")
+    data = (tmp_path / "notok" / "model.safetensors").read_bytes()
+    for name, content in (("corrupt", b"\xff" * 8 + data[8:]), ("truncated", data[: len(data) // 2])):
+        shutil.copytree(tmp_path / "notok", tmp_path / name)
+        (tmp_path / name / "model.safetensors").write_bytes(content)
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 50)
+    np.save(tmp_path / "float.npy", np.zeros((4, 16), np.float32))
+    np.save(tmp_path / "flat.npy", np.zeros(64, np.int64))
+    np.save(tmp_path / "big.npy", np.full((4, 16), 9000, np.int64))
+    (tmp_path / "garbage.npy").write_bytes(b"not an array")
+    torch.save({"a": torch.zeros(2, 4, dtype=torch.long), "b": torch.zeros(2, 4, dtype=torch.long)}, tmp_path / "dict.pt")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    capsys.readouterr()  # the set-up's own progress bars
     rc = main([a.replace("{tmp}", str(tmp_path)) for a in argv])
     err = capsys.readouterr().err.strip()
     assert rc == 2
-    assert err.startswith("llmq-fx: error:") and message in err
-    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    errors = [line for line in err.splitlines() if "error" in line.lower()]  # progress bars of a model load may precede
+    assert len(errors) == 1 and err.splitlines()[-1] == errors[0] and "Traceback" not in err
+    assert errors[0].startswith("llmq-fx: error:") and message.replace("{tmp}", str(tmp_path)) in errors[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing created, no output folder left
 
 
 @pytest.mark.parametrize("preset", ["opt-125m", "opt-350m"])

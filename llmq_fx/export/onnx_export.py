@@ -14,6 +14,7 @@ no model and no external-data file behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -33,6 +34,7 @@ from torch.export import Dim
 
 from llmq_fx.errors import ExportError
 from llmq_fx.export.translation import TRANSLATION_TABLE
+from llmq_fx.passes.insert_qdq import WEIGHT_META
 
 __all__ = ["to_onnx", "EXTERNAL_DATA_THRESHOLD_BYTES"]
 
@@ -94,7 +96,8 @@ def to_onnx(
         raise ExportError(f"cannot write ONNX file {path}: {err}") from err
     try:
         t0 = time.perf_counter()
-        model = _export_ir(gm, opset, example_input_ids)
+        with _on_cpu(gm):
+            model = _export_ir(gm, opset, example_input_ids)
         _check_quantized_weights(model, gm)
         config = gm.meta.get("llmq_fx", {}).get("config")
         if config is not None:  # so the file says how it was quantized
@@ -127,11 +130,26 @@ def to_onnx(
     return path
 
 
+@contextlib.contextmanager
+def _on_cpu(gm: fx.GraphModule):
+    """Run the export with ``gm`` on the CPU, then put it back where it was: the caller's graph (and
+    the model whose parameters it shares) stays on its device."""
+    device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+    if device.type == "cpu":
+        yield
+        return
+    gm.to("cpu")
+    try:
+        yield
+    finally:
+        gm.to(device)
+
+
 def _export_ir(gm: fx.GraphModule, opset: int, example_input_ids: torch.Tensor | None) -> ir.Model:
     """Dynamo export with the llmq translations, integer weights folded, then the ONNX optimizer."""
     if example_input_ids is None:
-        device = next((p.device for p in gm.parameters()), torch.device("cpu"))
-        example_input_ids = torch.zeros((2, 8), dtype=torch.long, device=device)
+        example_input_ids = torch.zeros((2, 8), dtype=torch.long)
+    example_input_ids = example_input_ids.cpu()
     # Batch 2, not 1, for the example: a size-1 dim would be specialised instead of staying dynamic.
     dynamic_shapes = ({0: Dim("batch"), 1: Dim("seq")},)
     try:
@@ -250,9 +268,14 @@ def _check_quantized_weights(model: ir.Model, gm: fx.GraphModule) -> None:
             raise ExportError(f"weight {name} (node {node.name}) is not an integer initializer in the ONNX model")
         if not value.uses() or any(use.node.op_type != "DequantizeLinear" for use in value.uses()):
             raise ExportError(f"weight {name} (node {node.name}) is not read by DequantizeLinear alone")
-        float_name = name.removesuffix("_int")
-        if float_name in initializers:
+        float_name = node.meta.get(WEIGHT_META, {}).get("replaces")
+        if float_name and float_name in initializers and not _read_elsewhere(gm, float_name):
             raise ExportError(f"the ONNX model still holds the float weight {float_name}")
+
+
+def _read_elsewhere(gm: fx.GraphModule, target: str) -> bool:
+    """Whether the graph still reads a float weight (a tied embedding the integer copy replaced in one place)."""
+    return any(n.op == "get_attr" and n.target == target for n in gm.graph.nodes)
 
 
 def _initializer_bytes(model: ir.Model) -> int:
