@@ -56,6 +56,7 @@ __all__ = ["RECIPES", "resolve_recipe", "parse_extra", "evaluate_methods", "run_
 
 BENCH = Path(__file__).resolve().parent
 BEGIN, END = "<!-- quality:begin -->", "<!-- quality:end -->"
+_DEFAULT_OUT = BENCH / "results" / "quality"
 ORT_TOLERANCE = 0.01  # relative perplexity difference between onnxruntime and PyTorch that gets a row flagged
 MIB = 2**20
 _VERSIONED = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime", "scikit-learn", "numpy")
@@ -208,12 +209,13 @@ def _finite(x: float | None) -> float | None:
 
 
 def _ort_ppl(gm, path: Path, tokens: torch.Tensor, seq_len: int, n_windows: int, batch_size: int) -> tuple[dict, int, float, float]:
-    """Export ``gm`` (moved to the CPU in place) to ``path``; onnxruntime perplexity, file bytes, export s, eval s."""
+    """Export ``gm`` to ``path`` (to_onnx exports on the CPU and leaves ``gm`` where it is); onnxruntime
+    perplexity, file bytes, export s, eval s."""
     from llmq_fx.evaluate import perplexity
     from llmq_fx.export import OnnxCausalLM, onnx_qdq_report, to_onnx
 
     t0 = time.perf_counter()
-    to_onnx(gm.to("cpu"), path)
+    to_onnx(gm, path)
     export_s = time.perf_counter() - t0
     report = onnx_qdq_report(path)
     t0 = time.perf_counter()
@@ -242,8 +244,7 @@ def evaluate_methods(
     """Float row, then one row per method (name -> recipe), all on the same calibration and evaluation tokens.
 
     Args:
-        gm: the float graph (``llmq_fx.trace``), on ``device``; it is moved to the CPU and back for its
-            own ONNX export, and never modified otherwise.
+        gm: the float graph (``llmq_fx.trace``), on ``device``; never modified.
         calib: ``[N, T]`` calibration ids; tokens: the 1-D evaluation stream.
         methods: name -> recipe (``{"description", "citation", "config"}``, config None = QuantConfig()).
         on_row: called with the list of rows after every row (to save progress).
@@ -301,11 +302,7 @@ def evaluate_methods(
             _progress(f"{model} / {name}: PyTorch ppl {res.ppl:.3f} ({row['eval_torch_s']:.1f} s)")
             if ort:
                 with tempfile.TemporaryDirectory(prefix="llmq_quality_") as tmp:
-                    try:
-                        out, nbytes, export_s, eval_s = _ort_ppl(target, Path(tmp) / "model.onnx", tokens, seq_len, eval_windows, eval_batch_size)
-                    finally:
-                        if config is None:
-                            gm.to(device)  # the float graph goes on serving the quantized rows
+                    out, nbytes, export_s, eval_s = _ort_ppl(target, Path(tmp) / "model.onnx", tokens, seq_len, eval_windows, eval_batch_size)
                 row.update(ppl_ort=_finite(out["ppl"]), ppl_ort_raw=None if math.isfinite(out["ppl"]) else str(out["ppl"]),
                            nll_ort=_finite(out["nll"]), onnx_bytes=nbytes, export_s=export_s, eval_ort_s=eval_s, onnx=out["onnx"])
                 _progress(f"{model} / {name}: onnxruntime ppl {out['ppl']:.3f}, {nbytes / MIB:.2f} MiB "
@@ -488,7 +485,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="PyTorch side (trace, quantize, eval): cpu or cuda; ORT is always CPU")
     p.add_argument("--no-ort", action="store_true", help="skip the ONNX export and the onnxruntime perplexity")
     p.add_argument("--fail-fast", action="store_true", help="stop at the first failing row instead of recording it")
-    p.add_argument("--out", type=Path, default=BENCH / "results" / "quality", help="output path without suffix (.json, .md)")
+    p.add_argument("--out", type=Path, default=_DEFAULT_OUT,
+                   help="output path without suffix (.json, .md); a complete run to the default also rewrites README.md's table")
     p.add_argument("--results-md", type=Path, default=BENCH / "RESULTS.md", help="Markdown file whose section is replaced")
     p.add_argument("--section", default="quality", help="name of that section's markers (<!-- NAME:begin -->), e.g. ablation")
     p.add_argument("--title", default="Quality against the reference methods", help="heading of the section")
@@ -558,6 +556,11 @@ def main(argv: list[str] | None = None) -> int:
     report["machine"]["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     report["machine"]["loadavg_finish"] = os.getloadavg()
     save()
+    if args.out == _DEFAULT_OUT and not any(r.get("error") for r in done):
+        from readme import splice_readme  # bench/readme.py: the README table comes from this JSON only
+
+        splice_readme(report)
+        _progress("README.md results block rewritten from the JSON")
     _progress(f"done: {json_path}, {md_path}, {args.results_md}")
     print(md_path.read_text())
     return 1 if any(r.get("error") for r in done) else 0

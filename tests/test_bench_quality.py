@@ -84,3 +84,16 @@ def test_main_writes_json_md_and_results_section(tmp_path):
     assert data["complete"] and [r["method"] for r in data["rows"]] == ["float", "RTN"]
     assert data["rows"][1]["ppl_torch"] > 0 and "ppl_ort" not in data["rows"][1]
     assert "### opt-tiny-random" in results.read_text() and "not run" in out.with_name("quality.md").read_text()
+
+
+def test_readme_results_table_is_generated_from_the_bench_json():
+    """The README's figures are bench/readme.py's output for the committed quality.json, not typed."""
+    path = Path(__file__).resolve().parents[1] / "bench" / "readme.py"
+    spec = importlib.util.spec_from_file_location("bench_readme", path)
+    readme = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(readme)
+    report = json.loads(readme.QUALITY_JSON.read_text())
+    block = readme.current_block()
+    assert block == readme.readme_block(report), "README.md results block is stale: run python bench/readme.py"
+    ours = next(r for r in report["rows"] if r["model"] == "opt-mini" and r["method"] == "ours")
+    assert f"**{ours['ppl_torch']:.2f}**" in block

@@ -141,7 +141,7 @@ class GPTQPass(LlmqPass):
         return PassResult(gm, modified)
 
     def _site_hessian(self, site) -> torch.Tensor:
-        if not getattr(site.module, "track_hessian", False):
+        if not site.module.track_hessian:
             raise StatisticsError(
                 f"observer node {site.observer.name} ({site.name}) recorded no Hessian: GPTQ needs observers "
                 "inserted with InsertObserversPass(hessian=True) before calibration"
@@ -152,7 +152,7 @@ class GPTQPass(LlmqPass):
             raise StatisticsError(f"observer node {site.observer.name} ({site.name}): {err}") from err
 
     def _site_cross(self, site) -> torch.Tensor:
-        if getattr(site.module, "input_quant", None) is None:
+        if site.module.input_quant is None:
             raise StatisticsError(
                 f"observer node {site.observer.name} ({site.name}) did not quantize its input during calibration: "
                 "activation-aware GPTQ needs observers inserted with InsertObserversPass(input_quant=...)"
