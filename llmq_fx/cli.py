@@ -169,22 +169,26 @@ def _cmd_quantize(args) -> int:
         }
 
         onnx_path = None
+        report["float_weight_bytes"] = sum(p.numel() * 4 for p in model.parameters())
         if not args.no_onnx:
-            from llmq_fx.export import onnx_qdq_report, to_onnx
+            from llmq_fx.export import onnx_qdq_report, to_genai
 
             t0 = time.perf_counter()
-            onnx_path = to_onnx(qgm, stage / "model.onnx")
+            _genai_into(stage, qgm, model, tokenizer, args.onnx_format, args.accuracy_level)
+            onnx_path = stage / "model.onnx"
             timings["export"] = time.perf_counter() - t0
-            report["onnx"] = onnx_qdq_report(onnx_path)
-            float_path = to_onnx(gm, stage / "model_float.onnx")
-            report["onnx_float"] = onnx_qdq_report(float_path)
-            report["onnx"]["size_ratio_to_float"] = report["onnx"]["file_bytes"] / report["onnx_float"]["file_bytes"]
+            report["onnx"] = {**onnx_qdq_report(onnx_path), "format": args.onnx_format, "accuracy_level": args.accuracy_level}
+            report["onnx"]["size_ratio_to_float_weights"] = report["onnx"]["file_bytes"] / report["float_weight_bytes"]
+            runners = {"pytorch_float": gm, "pytorch_quantized": qgm, "onnxruntime_quantized": onnx_path}
+            if args.float_onnx:
+                t0 = time.perf_counter()
+                to_genai(gm, model, tokenizer, stage / "float", format=args.onnx_format)
+                timings["export_float"] = time.perf_counter() - t0
+                report["onnx_float"] = onnx_qdq_report(stage / "float" / "model.onnx")
+                report["onnx"]["size_ratio_to_float"] = report["onnx"]["file_bytes"] / report["onnx_float"]["file_bytes"]
+                runners["onnxruntime_float"] = stage / "float" / "model.onnx"
             if args.latency_runs:
-                report["latency_ms_per_window"] = _latencies(
-                    {"pytorch_float": gm, "pytorch_quantized": qgm, "onnxruntime_float": float_path,
-                     "onnxruntime_w4a4": onnx_path},
-                    calib[:1, : args.seq_len].cpu(), args.latency_runs,
-                )
+                report["latency_ms_per_window"] = _latencies(runners, calib[:1, : args.seq_len].cpu(), args.latency_runs)
 
         if eval_tokens is not None:
             ev = {"text": args.eval, "seq_len": args.seq_len, "windows": args.eval_windows}
@@ -263,8 +267,13 @@ def _print_result(report: dict, out: Path, recipe_line: str) -> None:
             lines.append(("perplexity quantized (onnxruntime)", f"{ev['onnxruntime']['ppl']:.3f}"))
         lines.append(("eval tokens", f"{ev['float']['tokens']} ({ev['windows']} x {ev['seq_len']})"))
     if "onnx" in report:
-        lines.append(("ONNX size W4A4 / float", f"{report['onnx']['file_bytes'] / 2**20:.2f} MiB / "
-                      f"{report['onnx_float']['file_bytes'] / 2**20:.2f} MiB"))
+        bits = f"W{cfg['w_bits'] or 16}A{cfg['a_bits'] or 16}"
+        if "onnx_float" in report:
+            lines.append((f"ONNX size {bits} / float", f"{report['onnx']['file_bytes'] / 2**20:.2f} MiB / "
+                          f"{report['onnx_float']['file_bytes'] / 2**20:.2f} MiB"))
+        else:
+            lines.append((f"ONNX size {bits} / float32 weights", f"{report['onnx']['file_bytes'] / 2**20:.2f} MiB / "
+                          f"{report['float_weight_bytes'] / 2**20:.2f} MiB"))
     for k, v in report.get("latency_ms_per_window", {}).items():
         if k not in ("runs", "window_tokens"):
             lines.append((f"latency {k}", f"{v:.1f} ms / {report['latency_ms_per_window']['window_tokens']} tokens"))
@@ -274,7 +283,9 @@ def _print_result(report: dict, out: Path, recipe_line: str) -> None:
     w = max(len(a) for a, _ in lines)
     for a, b in lines:
         print(f"  {a.ljust(w)}  {b}")
-    written = ["report.json", "graph.txt", "graph.pt2", "stats.safetensors"] + (["model.onnx"] if "onnx" in report else [])
+    written = ["report.json", "graph.txt", "graph.pt2", "stats.safetensors"]
+    if "onnx" in report:
+        written += ["model.onnx", "genai_config.json", "tokenizer files (an onnxruntime-genai folder: llmq-fx generate)"]
     print(f"  written to {out}: {', '.join(written)}")
 
 
@@ -363,19 +374,52 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _genai_into(folder: Path, qgm, model, tokenizer, onnx_format: str, accuracy_level: int) -> None:
+    """Write the onnxruntime-genai files (model.onnx, genai_config.json, tokenizer) into ``folder``
+    itself, beside what is there (each file replaced whole)."""
+    from llmq_fx.export import to_genai
+
+    tmp = Path(tempfile.mkdtemp(prefix=".genai.", dir=folder))
+    try:
+        to_genai(qgm, model, tokenizer, tmp / "genai", format=onnx_format, accuracy_level=accuracy_level)
+        for f in (tmp / "genai").iterdir():
+            os.replace(f, folder / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _cmd_export(args) -> int:
     import llmq_fx
-    from llmq_fx.export import onnx_qdq_report, to_onnx
+    from llmq_fx.export import onnx_qdq_report
+    from llmq_fx.models import load_model
 
     folder = Path(args.dir)
     graph_file = folder / llmq_fx.serialize.GRAPH_FILE if folder.is_dir() else folder
     qgm = llmq_fx.load(graph_file)
-    out = Path(args.out) if args.out else graph_file.parent / "model.onnx"
+    model, tokenizer = load_model(_report_model(graph_file.parent, args.model, "export"))
+    out = Path(args.out) if args.out else graph_file.parent
+    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    path = to_onnx(qgm, out)
-    report = onnx_qdq_report(path)
-    print(f"wrote {path} ({report['file_bytes'] / 2**20:.2f} MiB, {report['int4_weight_initializers']} INT4 weights, "
-          f"{report['quantize_linear']} QuantizeLinear) in {time.perf_counter() - t0:.1f} s")
+    _genai_into(out, qgm, model, tokenizer, args.onnx_format, args.accuracy_level)
+    report = onnx_qdq_report(out / "model.onnx")
+    print(f"wrote the onnxruntime-genai folder {out} (model.onnx {report['file_bytes'] / 2**20:.2f} MiB, "
+          f"{report['matmul_nbits']} MatMulNBits, format {args.onnx_format}) in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from llmq_fx.export import generate
+
+    if not args.quiet:
+        print(args.prompt, end="", flush=True)
+    result = generate(args.dir, args.prompt, args.max_new_tokens,
+                      on_text=None if args.quiet else (lambda piece: print(piece, end="", flush=True)))
+    if args.quiet:
+        print(args.prompt + result.text)
+    else:
+        print()
+    print(f"[{result.prompt_tokens} prompt tokens in {result.prefill_s * 1e3:.0f} ms; {len(result.tokens)} new tokens, "
+          f"{result.decode_tokens_per_s:.1f} tokens/s after the first]", file=sys.stderr)
     return 0
 
 
@@ -404,7 +448,12 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--cluster-sweep", type=int, nargs="+", metavar="K",
                    help="with --eval: also quantize with each n_clusters K and record perplexity (for plots)")
     q.add_argument("--device", default="cpu")
-    q.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
+    q.add_argument("--no-onnx", action="store_true", help="skip the ONNX export (no onnxruntime-genai folder)")
+    q.add_argument("--onnx-format", choices=["fast", "qdq"], default="fast",
+                   help="fast: MatMulNBits 4-bit weights (default); qdq: standard QuantizeLinear/DequantizeLinear only")
+    q.add_argument("--accuracy-level", type=int, choices=[0, 1, 4], default=0,
+                   help="MatMulNBits accuracy_level (0: float math, the PyTorch graph's numbers; 4: int8 inputs)")
+    q.add_argument("--float-onnx", action="store_true", help="also write the float model's folder (DIR/float) to compare")
     q.add_argument("--latency-runs", type=int, default=5, help="timed runs per model for the latency table (0: none)")
     q.add_argument("--quiet", action="store_true")
     q.set_defaults(func=_cmd_quantize)
@@ -429,10 +478,21 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_cmd_eval)
 
-    x = sub.add_parser("export", help="export a saved quantized graph (graph.pt2) to ONNX without recalibrating")
+    x = sub.add_parser("export", help="write the onnxruntime-genai folder of a saved quantized graph (graph.pt2), "
+                                      "without recalibrating")
     x.add_argument("dir", help="a quantize output folder, or a .pt2 file")
-    x.add_argument("--out", help="the .onnx file to write (default: model.onnx beside graph.pt2)")
+    x.add_argument("--out", help="the folder to write into (default: the folder of graph.pt2)")
+    x.add_argument("--model", help="the float model (default: the one named in report.json)")
+    x.add_argument("--onnx-format", choices=["fast", "qdq"], default="fast")
+    x.add_argument("--accuracy-level", type=int, choices=[0, 1, 4], default=0)
     x.set_defaults(func=_cmd_export)
+
+    g = sub.add_parser("generate", help="greedy text generation with onnxruntime-genai from a quantize output folder")
+    g.add_argument("dir", help="an onnxruntime-genai folder (a quantize output folder is one)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--quiet", action="store_true", help="print the text at the end instead of streaming it")
+    g.set_defaults(func=_cmd_generate)
     return p
 
 

@@ -71,6 +71,11 @@ class QuantConfig:
         a_clip_search: with sequential GPTQ, candidate activation clip ratios: each site takes the one
             minimizing its Linears' output error from activation quantization, on the quantized
             model's inputs (``SequentialGPTQPass``), instead of ``a_clip_ratio``; None = no search.
+        embed_bits / embed_group_size: the token embedding table as integer codes of this many bits,
+            one scale per ``embed_group_size`` columns of a row (None: float). Exported as
+            ``GatherBlockQuantized`` (``QuantizeEmbeddingsPass``).
+        lm_head_bits / lm_head_group_size: the lm_head weight likewise (weight-only: its input stays
+            float), exported as ``MatMulNBits``. The lm_head stays in ``skip`` for activations.
         skip: module-path patterns (fnmatch) of Linears left entirely in float.
         seed / kmeans_n_init: k-means determinism.
         calib_batch_size: sequences per calibration forward.
@@ -98,6 +103,10 @@ class QuantConfig:
     gptq_act_aware: float | None = 0.3
     gptq_sequential: bool = True
     a_clip_search: list[float] | None = field(default_factory=lambda: [0.8, 0.85, 0.9, 0.95, 1.0])
+    embed_bits: int | None = None
+    embed_group_size: int | None = 32
+    lm_head_bits: int | None = None
+    lm_head_group_size: int | None = 32
     skip: list[str] = field(default_factory=lambda: ["lm_head"])
     seed: int = 0
     kmeans_n_init: int = 4
@@ -107,13 +116,14 @@ class QuantConfig:
         self.validate()
 
     def validate(self) -> None:
-        for key in ("w_bits", "a_bits", "a_outlier_bits"):
+        for key in ("w_bits", "a_bits", "a_outlier_bits", "embed_bits", "lm_head_bits"):
             v = getattr(self, key)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 2 <= v <= 8):
                 raise ConfigError(f"config key {key!r} must be an integer in 2..8 or null, got {v!r}")
-        g = self.w_group_size
-        if g is not None and (not isinstance(g, int) or isinstance(g, bool) or g < 1):
-            raise ConfigError(f"config key 'w_group_size' must be a positive integer or null, got {g!r}")
+        for key in ("w_group_size", "embed_group_size", "lm_head_group_size"):
+            g = getattr(self, key)
+            if g is not None and (not isinstance(g, int) or isinstance(g, bool) or g < 1):
+                raise ConfigError(f"config key {key!r} must be a positive integer or null, got {g!r}")
         a = self.smooth_alpha
         if a is not None and (not isinstance(a, (int, float)) or isinstance(a, bool) or not 0 < a <= 1):
             raise ConfigError(f"config key 'smooth_alpha' must be in (0, 1] or null, got {a!r}")

@@ -25,6 +25,7 @@ from llmq_fx.passes.gptq import GPTQPass
 from llmq_fx.passes.group_channels import GroupChannelsPass
 from llmq_fx.passes.insert_observers import InsertObserversPass
 from llmq_fx.passes.insert_qdq import InsertQDQPass
+from llmq_fx.passes.quantize_embeddings import QuantizeEmbeddingsPass
 from llmq_fx.passes.rotate import RotatePass
 from llmq_fx.passes.sequential_gptq import SequentialGPTQPass
 from llmq_fx.passes.smooth import SmoothPass
@@ -42,6 +43,7 @@ PIPELINE: tuple[type[LlmqPass], ...] = (
     GroupChannelsPass,
     GPTQPass,
     InsertQDQPass,
+    QuantizeEmbeddingsPass,
 )
 
 
@@ -86,6 +88,10 @@ class Recipe(list):
             if group is not None:
                 text += f", k-means clusters {group.options.n_clusters}"
             parts.append(text)
+        embeddings = next((p for p in self if isinstance(p, QuantizeEmbeddingsPass)), None)
+        if embeddings is not None:
+            parts += [f"{kind} {spec}" for kind, spec in (("embedding", embeddings.options.embedding),
+                                                          ("lm_head", embeddings.options.lm_head)) if spec is not None]
         smooth = next((p for p in self if isinstance(p, SmoothPass)), None)
         if smooth is not None:
             parts.append(f"SmoothQuant alpha {smooth.options.alpha:g} at {list(smooth.options.sites)}")

@@ -48,7 +48,7 @@ def test_quantize_writes_report_and_graph_then_inspect(tmp_path, capsys):
 def test_recipe_command_prints_the_passes_before_running_them(tmp_path, capsys):
     assert main(["recipe"]) == 0
     text = capsys.readouterr().out
-    assert text.splitlines()[0].startswith("rotate    RotatePass(") and "SequentialGPTQPass(" in text
+    assert text.splitlines()[0].split()[:2] == ["rotate", "RotatePass(seed=0,"] and "SequentialGPTQPass(" in text
     (tmp_path / "static.yaml").write_text("rotate: false\na_dynamic: false\ngptq: false\nsmooth_alpha: 0.5\n")
     assert main(["recipe", "--config", str(tmp_path / "static.yaml"), "--json"]) == 0
     stages = [p["stage"] for p in json.loads(capsys.readouterr().out)]
@@ -175,3 +175,35 @@ def test_folder_without_weights_is_a_clear_error(tmp_path):
     OPTConfig().save_pretrained(tmp_path)
     with pytest.raises(CheckpointError, match="no weights"):
         load_model(tmp_path)
+
+
+def test_quantize_writes_an_onnxruntime_genai_folder_that_generates(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["quantize", "--model", "opt-tiny-random", "--out", str(out), "--seq-len", "32", "--calib-samples", "2",
+                 "--eval", "eval", "--eval-windows", "2", "--latency-runs", "1", "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert {"model.onnx", "genai_config.json", "tokenizer.json", "graph.pt2"} <= {p.name for p in out.iterdir()}
+    assert report["onnx"]["format"] == "fast" and report["onnx"]["matmul_nbits"] == 12  # 2 layers x 6 Linears
+    # the decoder's first step is the prefill-only graph: same perplexity as PyTorch (exact math at accuracy level 0)
+    assert abs(report["eval"]["onnxruntime"]["ppl"] / report["eval"]["quantized"]["ppl"] - 1) < 1e-4
+    capsys.readouterr()
+    assert main(["generate", str(out), "--prompt", "The function", "--max-new-tokens", "8", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("The function") and "tokens/s" in captured.err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "{tmp}", "--prompt", "hi"], "is not an onnxruntime-genai folder"),
+    (["generate", "{run}", "--prompt", ""], "the prompt is empty"),
+    (["generate", "{run}", "--prompt", "hi " * 3000], "the model's context is 2048"),
+])
+def test_generate_errors_are_one_line(tmp_path_factory, capsys, argv, message):
+    run = tmp_path_factory.getbasetemp() / "generate_run"
+    if not (run / "model.onnx").is_file():
+        assert main(["quantize", "--model", "opt-tiny-random", "--out", str(run), "--seq-len", "32",
+                     "--calib-samples", "2", "--latency-runs", "0", "--quiet"]) == 0
+    empty = tmp_path_factory.mktemp("empty")
+    capsys.readouterr()
+    rc = main([a.replace("{tmp}", str(empty)).replace("{run}", str(run)) for a in argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("llmq-fx: error:") and message in err[-1]

@@ -89,7 +89,7 @@ def test_dynamic_clip_model_exports_and_matches_pytorch(opt_gm, calib, eval_ids,
         assert qdq and all(n.args[3] == 0.9 for n in qdq)
     else:  # one ratio per site, chosen by the sequential GPTQ pass, each exported as it is
         assert qdq and all(n.args[3] in search and n.meta["llmq_site"].activation.clip_ratio == n.args[3] for n in qdq)
-    path = to_onnx(qgm, tmp_path / "clip.onnx")
+    path = to_onnx(qgm, tmp_path / "clip.onnx", format="qdq")
     with torch.no_grad():
         ref = qgm(eval_ids)
     torch.testing.assert_close(OnnxCausalLM(path)(eval_ids), ref, rtol=0, atol=1e-4)

@@ -121,7 +121,7 @@ def quantized(opt_gm, calib):
 @pytest.fixture(scope="module")
 def exported(quantized, tmp_path_factory):
     folder = tmp_path_factory.mktemp("onnx")
-    return {k: to_onnx(quantized[k], folder / f"{k}.onnx") for k in ("dynamic", "mixed")}
+    return {k: to_onnx(quantized[k], folder / f"{k}.onnx", format="qdq") for k in ("dynamic", "mixed")}
 
 
 def _assert_ort_matches(path, qgm, ids):
@@ -286,7 +286,7 @@ def test_grouped_dynamic_model_exports_and_matches_pytorch(opt_gm, calib, eval_i
     qgm = llmq_fx.quantize(opt_gm, calib, llmq_fx.QuantConfig(a_dynamic=True, a_group_size=16), progress=False)
     nodes = [n for n in qgm.graph.nodes if n.target == QDQ_DYNAMIC]
     assert len(nodes) == N_SITES and all(n.args[4] == 16 for n in nodes)
-    path = to_onnx(qgm, tmp_path / "grouped.onnx")
+    path = to_onnx(qgm, tmp_path / "grouped.onnx", format="qdq")
     _assert_ort_matches(path, qgm, eval_ids)
     # Finer ranges than one per token: the logits move less from the float graph's.
     per_token = llmq_fx.quantize(opt_gm, calib, llmq_fx.QuantConfig(a_dynamic=True, w_bits=None), progress=False)

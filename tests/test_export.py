@@ -45,9 +45,9 @@ def tiny(tmp_path_factory):
     qgm = llmq_fx.quantize(gm, calib, static_config(n_clusters=4), progress=False)
     folder = tmp_path_factory.mktemp("onnx")
     t0 = time.perf_counter()
-    q_path = to_onnx(qgm, folder / "w4a4.onnx")
+    q_path = to_onnx(qgm, folder / "w4a4.onnx", format="qdq")
     q_seconds = time.perf_counter() - t0
-    f_path = to_onnx(gm, folder / "float.onnx")
+    f_path = to_onnx(gm, folder / "float.onnx", format="qdq")
     print(f"\nW4A4 export {q_seconds:.1f} s")
     return {"model": model, "gm": gm, "qgm": qgm, "calib": calib, "q_path": q_path, "f_path": f_path}
 
@@ -181,7 +181,7 @@ def test_model_interface(tiny):
 
 def test_grouped_weights_export_with_block_size(tiny, tmp_path):
     qgm = llmq_fx.quantize(tiny["gm"], tiny["calib"], static_config(n_clusters=4, w_group_size=32), progress=False)
-    path = to_onnx(qgm, tmp_path / "g32.onnx")
+    path = to_onnx(qgm, tmp_path / "g32.onnx", format="qdq")
     model = onnx.load(str(path))
     initializers = {t.name: t for t in model.graph.initializer}
     users = _consumers(model)
@@ -210,7 +210,7 @@ def test_grouped_weights_export_with_block_size(tiny, tmp_path):
 )
 def test_other_bit_widths_map_to_narrowest_type(tiny, tmp_path, config, act_type, weight_type):
     qgm = llmq_fx.quantize(tiny["gm"], tiny["calib"], static_config(n_clusters=4, **config), progress=False)
-    path = to_onnx(qgm, tmp_path / "m.onnx")
+    path = to_onnx(qgm, tmp_path / "m.onnx", format="qdq")
     report = onnx_qdq_report(path)
     n_sites, n_linears = N_LAYERS * ACT_SITES_PER_LAYER, N_LAYERS * LINEARS_PER_LAYER
     assert report["quantize_linear_types"] == {act_type: n_sites}
@@ -226,7 +226,7 @@ def test_other_bit_widths_map_to_narrowest_type(tiny, tmp_path, config, act_type
 
 
 def test_external_data_is_written_next_to_model(tiny, tmp_path):
-    path = to_onnx(tiny["qgm"], tmp_path / "ext.onnx", external_data=True)
+    path = to_onnx(tiny["qgm"], tmp_path / "ext.onnx", external_data=True, format="qdq")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ext.onnx", "ext.onnx.data"]
     report = onnx_qdq_report(path)
     assert report["file_bytes"] == path.stat().st_size + (tmp_path / "ext.onnx.data").stat().st_size
@@ -240,7 +240,7 @@ def test_unwritable_path_raises_export_error(tiny, tmp_path):
     blocker.write_text("")
     target = blocker / "model.onnx"
     with pytest.raises(ExportError, match="not_a_folder/model.onnx"):
-        to_onnx(tiny["gm"], target)
+        to_onnx(tiny["gm"], target, format="qdq")
     assert [p.name for p in tmp_path.iterdir()] == ["not_a_folder"]
 
 
@@ -251,7 +251,7 @@ def test_failed_export_leaves_nothing_behind(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(onnx.checker, "check_model", reject)
     # With external data, so that a half-written data file would show up too.
     with pytest.raises(ExportError, match="simulated checker failure"):
-        to_onnx(tiny["qgm"], tmp_path / "bad.onnx", external_data=True)
+        to_onnx(tiny["qgm"], tmp_path / "bad.onnx", external_data=True, format="qdq")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -274,5 +274,5 @@ def test_unsupported_op_names_op_and_node(tiny, tmp_path):
     linear.replace_input_with(linear.args[0], odd)
     gm.recompile()
     with pytest.raises(ExportError, match=rf"llmq_test\.mystery.*node {odd.name}"):
-        to_onnx(gm, tmp_path / "odd.onnx")
+        to_onnx(gm, tmp_path / "odd.onnx", format="qdq")
     assert list(tmp_path.iterdir()) == []

@@ -27,6 +27,10 @@ _FOUR_BIT = (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
 class OnnxCausalLM:
     """An exported causal LM run by onnxruntime on the CPU: ``model(input_ids) -> logits``.
 
+    A KV-cache decoder (inputs ``attention_mask``, ``position_ids``, ``past_key_values.*``) runs as a
+    first step: an all-ones mask, positions ``0..T-1`` and empty past tensors, so the same perplexity
+    code scores it; a folder (``model.onnx`` inside) is accepted too.
+
     Args:
         path: an ``.onnx`` file written by ``llmq_fx.export.to_onnx``.
         intra_op_threads: onnxruntime's thread count (0: its default).
@@ -45,17 +49,32 @@ class OnnxCausalLM:
         import onnxruntime as ort  # imported here: only running a model needs it
 
         self.path = Path(path)
+        if self.path.is_dir():
+            self.path = self.path / "model.onnx"
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         if not fuse_qdq:
             options.add_session_config_entry("session.disable_quant_qdq", "1")
         self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
+        inputs = self.session.get_inputs()
+        self.input_name = inputs[0].name
         self.output_name = "logits" if any(o.name == "logits" for o in self.session.get_outputs()) else self.session.get_outputs()[0].name
+        # KV-cache inputs: name -> [kv_heads, head_size] (the static dims of [batch, kv_heads, past, head_size])
+        self.past = {i.name: (i.shape[1], i.shape[3]) for i in inputs if i.name.startswith("past_key_values.")}
+        self.has_mask = any(i.name == "attention_mask" for i in inputs)
+        self.has_positions = any(i.name == "position_ids" for i in inputs)
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         ids = np.ascontiguousarray(input_ids.detach().cpu().numpy().astype(np.int64))
-        (logits,) = self.session.run([self.output_name], {self.input_name: ids})
+        feed = {self.input_name: ids}
+        batch, seq = ids.shape
+        if self.has_mask:
+            feed["attention_mask"] = np.ones((batch, seq), dtype=np.int64)
+        if self.has_positions:
+            feed["position_ids"] = np.ascontiguousarray(np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)))
+        for name, (heads, size) in self.past.items():
+            feed[name] = np.zeros((batch, heads, 0, size), dtype=np.float32)
+        (logits,) = self.session.run([self.output_name], feed)
         return torch.from_numpy(logits)
 
     def __repr__(self) -> str:
@@ -70,7 +89,10 @@ def onnx_qdq_report(path: str | os.PathLike) -> dict:
         ``quantize_linear_types`` / ``dequantize_linear_types``: element type name -> count
         (the integer type of the zero point, or of DequantizeLinear's input);
         ``weight_dequantize_linear``: DequantizeLinear nodes reading an initializer (weights);
-        ``int4_weight_initializers``: INT4/UINT4 initializers read by DequantizeLinear;
+        ``int4_weight_initializers``: INT4/UINT4 initializers read by DequantizeLinear, and 4-bit
+        packed weights of ``com.microsoft.MatMulNBits``;
+        ``matmul_nbits``: MatMulNBits node count; ``matmul_nbits_bits``: bits -> count;
+        ``op_types``: op type -> count over the whole graph;
         ``float_initializer_elements``: elements of float initializers (embeddings, norms, scales...);
         ``file_bytes``: the model file plus any external-data files it references.
     """
@@ -99,9 +121,15 @@ def onnx_qdq_report(path: str | os.PathLike) -> dict:
 
     q_types: Counter = Counter()
     dq_types: Counter = Counter()
+    nbits: Counter = Counter()
     weight_dq = 0
     int4_weights = set()
     for node in graph.node:
+        if node.op_type == "MatMulNBits":
+            bits = next((a.i for a in node.attribute if a.name == "bits"), 4)
+            nbits[str(bits)] += 1
+            if bits == 4:
+                int4_weights.add(node.input[1])
         if node.op_type == "QuantizeLinear":
             q_types[_type_name(q_type(node))] += 1
         elif node.op_type == "DequantizeLinear":
@@ -135,6 +163,9 @@ def onnx_qdq_report(path: str | os.PathLike) -> dict:
         "dequantize_linear_types": dict(dq_types),
         "weight_dequantize_linear": weight_dq,
         "int4_weight_initializers": len(int4_weights),
+        "matmul_nbits": sum(nbits.values()),
+        "matmul_nbits_bits": dict(nbits),
+        "op_types": dict(Counter(node.op_type for node in graph.node)),
         "float_initializer_elements": float_elements,
         "file_bytes": file_bytes,
     }

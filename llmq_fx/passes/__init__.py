@@ -6,6 +6,7 @@ from llmq_fx.passes.gptq import GPTQOptions, GPTQPass
 from llmq_fx.passes.group_channels import GroupChannelsPass, GroupOptions, cluster_channels
 from llmq_fx.passes.insert_observers import InsertObserversPass, ObserveOptions
 from llmq_fx.passes.insert_qdq import InsertQDQPass, QDQOptions
+from llmq_fx.passes.quantize_embeddings import EmbeddingsOptions, QuantizeEmbeddingsPass
 from llmq_fx.passes.rotate import RotateOptions, RotatePass
 from llmq_fx.passes.sequential_gptq import SequentialGPTQOptions, SequentialGPTQPass
 from llmq_fx.passes.smooth import SmoothOptions, SmoothPass, smoothing_scales
@@ -29,6 +30,8 @@ __all__ = [
     "GPTQOptions",
     "InsertQDQPass",
     "QDQOptions",
+    "QuantizeEmbeddingsPass",
+    "EmbeddingsOptions",
     "cluster_channels",
     "smoothing_scales",
 ]

@@ -44,7 +44,7 @@ class LlmqPass(PassBase):
 
     def describe(self) -> str:
         """One line: the stage, the pass and its options."""
-        return f"{self.stage:<9} {self!r}"
+        return f"{self.stage:<10} {self!r}"
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{f.name}={_short(getattr(self.options, f.name))}" for f in dataclasses.fields(self.options))

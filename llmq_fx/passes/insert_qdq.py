@@ -57,7 +57,8 @@ from llmq_fx.graph import attr, is_skipped, linear_nodes, module_path, observer_
 from llmq_fx.passes.base import LlmqPass
 from llmq_fx.spec import SITE_META, ActivationSpec, SiteRecord, WeightSpec
 
-__all__ = ["InsertQDQPass", "QDQOptions", "cluster_ranges", "insert_weight_dequant", "is_integer_weight", "WEIGHT_META"]
+__all__ = ["InsertQDQPass", "QDQOptions", "cluster_ranges", "insert_weight_dequant", "is_integer_weight", "WEIGHT_META",
+           "delete_replaced_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +150,7 @@ class InsertQDQPass(LlmqPass):
                 }
         gm.meta["llmq_fx"]["a_effective_bits"] = _mean_effective_bits(gm, linears)
         graph.eliminate_dead_code()
-        _delete_replaced_weights(gm)
+        delete_replaced_weights(gm)
         graph.lint()
         gm.recompile()
         return PassResult(gm, True)
@@ -282,9 +283,11 @@ def is_integer_weight(node) -> bool:
 
 
 def insert_weight_dequant(
-    gm: fx.GraphModule, linear: fx.Node, path: str, qweight: torch.Tensor, scale: torch.Tensor, bits: int
+    gm: fx.GraphModule, linear: fx.Node, path: str, qweight: torch.Tensor, scale: torch.Tensor, bits: int, index: int = 1
 ) -> fx.Node:
     """Make ``linear`` read its weight as ``llmq.dequantize_weight(path.weight_int, path.weight_scale, bits)``.
+
+    ``index`` is the weight's argument position (1 for ``aten.linear``, 0 for ``aten.embedding``).
 
     ``qweight``/``scale`` are in ``qmath.quantize_weight``'s layout; they become buffers on the Linear's
     module path (``weight_int_2``/``weight_scale_2``... when that module is called at another place
@@ -292,7 +295,7 @@ def insert_weight_dequant(
     here, GPTQ) so the exporter sees one pattern. Returns the dequantize node, whose ``WEIGHT_META``
     names the float weight it replaced.
     """
-    w_node = linear.args[1]
+    w_node = linear.args[index]
     owner = gm.get_submodule(path.rpartition(".")[0]) if "." in path else gm
     leaf = path.rpartition(".")[2]
     module = getattr(owner, leaf, None) if leaf else None
@@ -337,7 +340,7 @@ def _site_record(site) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in rec.items()}
 
 
-def _delete_replaced_weights(gm: fx.GraphModule) -> None:
+def delete_replaced_weights(gm: fx.GraphModule) -> None:
     """Drop the float weights integer weights replaced once no get_attr node reads them, so the model
     does not carry both copies."""
     used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}

@@ -1,0 +1,146 @@
+"""Embedding and output-projection pass: the token embedding table and the lm_head in integers.
+
+Pattern (from the graph, not from names):
+
+* **token embedding** -- ``aten.embedding(weight, ids)`` whose ids are the graph's first input (the
+  token ids); a learned position embedding reads positions and is left alone;
+* **output projection** -- the Linear whose output is the graph's (first) output, through views,
+  casts and a logit softcap (``tanh``, ``mul``, ``div``).
+
+Rewrite: the weight becomes ``llmq.dequantize_weight(codes, scale, bits)`` of symmetric integer codes,
+one scale per ``group_size`` columns of a row (``WeightSpec``, round-to-nearest with the clipping
+search), the same nodes every quantized Linear reads (``insert_weight_dequant``). The lm_head's
+input stays float (weight-only, as in onnxruntime-genai's int4 models): it is the site after the
+final norm, where a 4-bit activation would cost the most. The exporter writes the embedding as
+``com.microsoft.GatherBlockQuantized`` and the lm_head as ``MatMulNBits`` (the ``fast`` format), or as
+``DequantizeLinear`` + ``Gather``/``MatMul`` (``qdq``).
+
+Why: after rotation the embedding and the lm_head are two float tables of ``vocab x hidden`` (the
+rotation unties them), which are most of a small model's file (SmolLM2-135M: 2 x 108 MiB of 273).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+from torch.fx.passes.infra.pass_base import PassResult
+
+from llmq_fx import ops  # noqa: F401  (registers torch.ops.llmq)
+from llmq_fx import qmath
+from llmq_fx.errors import ConfigError
+from llmq_fx.graph import VIEW_OPS, attr, is_linear, module_path
+from llmq_fx.passes.base import LlmqPass
+from llmq_fx.passes.insert_qdq import delete_replaced_weights, insert_weight_dequant, is_integer_weight
+from llmq_fx.spec import WeightSpec
+
+__all__ = ["QuantizeEmbeddingsPass", "EmbeddingsOptions", "token_embeddings", "output_projection"]
+
+logger = logging.getLogger(__name__)
+
+aten = torch.ops.aten
+# Between the lm_head and the logits output: views, casts and a logit softcap (cap * tanh(x / cap)).
+_TO_OUTPUT = VIEW_OPS | {aten.to.dtype, aten._to_copy.default, aten.tanh.default, aten.mul.Tensor, aten.div.Tensor}
+
+
+@dataclass(frozen=True)
+class EmbeddingsOptions:
+    """Options of ``QuantizeEmbeddingsPass``: the scheme of the token embedding and of the lm_head
+    weight (None leaves it float)."""
+
+    embedding: WeightSpec | None = None
+    lm_head: WeightSpec | None = None
+
+
+def token_embeddings(gm: fx.GraphModule) -> list[fx.Node]:
+    """``aten.embedding`` nodes that look up the graph's token ids (its first input) in a parameter."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if not placeholders:
+        return []
+    ids = placeholders[0]
+
+    def from_ids(node) -> bool:  # the token ids, through views (OPT flattens them to [-1, seq])
+        while isinstance(node, fx.Node) and node.op == "call_function" and node.target in VIEW_OPS:
+            node = node.args[0]
+        return node is ids
+
+    return [
+        n for n in gm.graph.nodes
+        if n.op == "call_function" and n.target == aten.embedding.default and from_ids(n.args[1])
+        and isinstance(n.args[0], fx.Node) and n.args[0].op == "get_attr"
+    ]
+
+
+def output_projection(gm: fx.GraphModule) -> fx.Node | None:
+    """The Linear whose output is the graph's first output (the logits), or None."""
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    node = output.args[0]
+    while isinstance(node, (tuple, list)):
+        node = node[0]
+    while isinstance(node, fx.Node) and not is_linear(node):
+        if node.op != "call_function" or node.target not in _TO_OUTPUT:
+            return None
+        node = next((a for a in node.args if isinstance(a, fx.Node)), None)
+    return node
+
+
+class QuantizeEmbeddingsPass(LlmqPass):
+    """Quantize the token embedding table and/or the lm_head weight (weight-only)."""
+
+    Options = EmbeddingsOptions
+    stage = "embeddings"
+
+    @classmethod
+    def from_config(cls, config) -> "QuantizeEmbeddingsPass | None":
+        embed = WeightSpec(config.embed_bits, config.embed_group_size, clip=True) if config.embed_bits else None
+        head = WeightSpec(config.lm_head_bits, config.lm_head_group_size, clip=True) if config.lm_head_bits else None
+        if embed is None and head is None:
+            return None
+        return cls(EmbeddingsOptions(embed, head))
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        record = gm.meta.setdefault("llmq_fx", {}).setdefault("embeddings", {})
+        opts = self.options
+        modified = False
+        if opts.embedding is not None:
+            nodes = token_embeddings(gm)
+            if not nodes:
+                logger.warning("embed_bits: no token embedding found in the graph; left as it is")
+            for node in nodes:
+                record[module_path(node)] = self._quantize(gm, node, 0, opts.embedding, "embedding")
+                modified = True
+        if opts.lm_head is not None:
+            head = output_projection(gm)
+            if head is None:
+                logger.warning("lm_head_bits: no Linear produces the logits; left as it is")
+            elif is_integer_weight(head.args[1]):
+                raise ConfigError(
+                    f"lm_head_bits is set, but {module_path(head)} is quantized already (remove it from 'skip' "
+                    "to quantize it as the other Linears, or drop lm_head_bits)"
+                )
+            else:
+                path = module_path(head)
+                record[path] = self._quantize(gm, head, 1, opts.lm_head, "lm_head")
+                linears = gm.meta["llmq_fx"].setdefault("linears", {})
+                linears.setdefault(path, {}).update(w_bits=opts.lm_head.bits, w_group_size=opts.lm_head.group_size)
+                modified = True
+        gm.graph.eliminate_dead_code()
+        delete_replaced_weights(gm)
+        gm.graph.lint()
+        gm.recompile()
+        return PassResult(gm, modified)
+
+    @torch.no_grad()
+    def _quantize(self, gm: fx.GraphModule, node: fx.Node, index: int, spec: WeightSpec, kind: str) -> dict:
+        w_node = node.args[index]
+        path = module_path(node)
+        weight = attr(gm, w_node.target)
+        if spec.group_size is not None and weight.shape[1] % spec.group_size:
+            raise ConfigError(f"{kind} group size {spec.group_size} does not divide the {weight.shape[1]} columns of {path}")
+        qweight, scale = spec.quantize(weight)
+        deq = insert_weight_dequant(gm, node, path, qweight, scale, spec.bits, index=index)
+        err = (qmath.dequantize_weight(qweight, scale) - weight.float()).square().sum() / weight.float().square().sum()
+        return {"kind": kind, "bits": spec.bits, "group_size": spec.group_size, "shape": list(weight.shape),
+                "relative_error": float(err), "node": deq.name}

@@ -1,0 +1,81 @@
+"""QuantizeEmbeddingsPass: the token embedding and the lm_head in integers, exported to GatherBlockQuantized/MatMulNBits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import llmq_fx
+from llmq_fx import qmath
+from llmq_fx.export import OnnxCausalLM, onnx_qdq_report, to_onnx
+from llmq_fx.graph import module_path
+from llmq_fx.passes.quantize_embeddings import output_projection, token_embeddings
+
+HEADS = {"embed_bits": 4, "embed_group_size": 16, "lm_head_bits": 8, "lm_head_group_size": 16}
+
+
+def test_patterns_find_the_token_embedding_and_the_lm_head(opt_gm):
+    embeddings = token_embeddings(opt_gm)
+    assert [module_path(n) for n in embeddings] == ["model.decoder.embed_tokens"]  # not embed_positions
+    assert module_path(output_projection(opt_gm)) == "lm_head"
+
+
+@pytest.fixture(scope="module")
+def quantized(opt_gm, calib):
+    return llmq_fx.quantize(opt_gm, calib, HEADS, progress=False)
+
+
+def test_tables_are_round_to_nearest_codes_of_the_rotated_float_tables(opt_gm, calib, quantized):
+    rotated = llmq_fx.quantize(opt_gm, calib, progress=False)  # same recipe without the embeddings pass
+    for path, bits in (("model.decoder.embed_tokens", 4), ("lm_head", 8)):
+        float_table = rotated.get_parameter(f"{path}.weight")
+        codes, scale = quantized.get_buffer(f"{path}.weight_int"), quantized.get_buffer(f"{path}.weight_scale")
+        ref_codes, ref_scale = qmath.quantize_weight(float_table, bits, 16, clip=True)
+        assert torch.equal(codes, ref_codes) and torch.equal(scale, ref_scale), path
+        assert -(2 ** (bits - 1)) <= int(codes.min()) and int(codes.max()) < 2 ** (bits - 1)
+        assert not hasattr(quantized.get_submodule(path), "weight")  # the float table is gone
+    rows = {r["module"]: r for r in llmq_fx.summary(quantized)}
+    assert rows["lm_head"]["w_bits"] == 8 and rows["lm_head"]["w_group_size"] == 16 and rows["lm_head"]["a_bits"] is None
+    record = quantized.meta["llmq_fx"]["embeddings"]
+    assert record["model.decoder.embed_tokens"]["bits"] == 4 and record["lm_head"]["kind"] == "lm_head"
+
+
+def test_the_graph_reads_the_dequantized_tables(quantized, eval_ids):
+    """The logits equal the float head applied to the graph's own last hidden state with the dequantized lm_head."""
+    head = output_projection(quantized)
+    hidden = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n is head:
+                hidden["x"] = self.env[n.args[0]]
+            return out
+
+    with torch.no_grad():
+        logits = Recorder(quantized).run(eval_ids)
+    w = qmath.dequantize_weight(quantized.get_buffer("lm_head.weight_int"), quantized.get_buffer("lm_head.weight_scale"))
+    bias = quantized.get_parameter(head.args[2].target)  # the final LayerNorm's bias, folded in by the rotation
+    torch.testing.assert_close(logits, hidden["x"] @ w.T + bias, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["fast", "qdq"])
+def test_onnx_runs_the_quantized_tables(quantized, eval_ids, tmp_path, fmt):
+    path = to_onnx(quantized, tmp_path / "m.onnx", format=fmt, accuracy_level=0)
+    with torch.no_grad():
+        ref = quantized(eval_ids).numpy()
+    np.testing.assert_allclose(OnnxCausalLM(path)(eval_ids).numpy(), ref, rtol=0, atol=1e-4)
+    ops = onnx_qdq_report(path)["op_types"]
+    if fmt == "fast":
+        assert ops.get("GatherBlockQuantized") == 1 and ops.get("DequantizeLinear") is None
+        assert ops.get("Gather") == 1  # the position embedding stays a float Gather
+    else:
+        assert ops.get("GatherBlockQuantized") is None and ops.get("Gather") == 2
+
+
+def test_lm_head_bits_with_a_quantized_lm_head_is_an_error(opt_gm, calib):
+    with pytest.raises(llmq_fx.ConfigError, match="lm_head_bits is set, but lm_head is quantized already"):
+        llmq_fx.quantize(opt_gm, calib, {"lm_head_bits": 4, "skip": []}, progress=False)
+    with pytest.raises(llmq_fx.ConfigError, match="embed_group_size"):
+        llmq_fx.QuantConfig(embed_group_size=0)
