@@ -68,7 +68,7 @@ _PLAIN = dict(
     w_bits=4, a_bits=4, w_group_size=None, a_symmetric=False, a_dynamic=False, smooth_alpha=None,
     smooth_sites=["qkv", "fc1"], n_clusters=1, cluster_features="minmax", a_outlier_bits=None,
     rotate=False, gptq=False, gptq_act_aware=None, w_clip=False, a_clip_ratio=1.0, a_group_size=None,
-    skip=["lm_head"],
+    embed_bits=None, lm_head_bits=None, skip=["lm_head"],
 )
 
 # RPTQ4LLM (hahnyuan/RPTQ4LLM, commit 5d7a014, main.py lines 196-200): --R1_clusters 32, --R2_clusters 4,

@@ -103,10 +103,10 @@ class QuantConfig:
     gptq_act_aware: float | None = 0.3
     gptq_sequential: bool = True
     a_clip_search: list[float] | None = field(default_factory=lambda: [0.8, 0.85, 0.9, 0.95, 1.0])
-    embed_bits: int | None = None
+    embed_bits: int | None = 4
     embed_group_size: int | None = 32
-    lm_head_bits: int | None = None
-    lm_head_group_size: int | None = 32
+    lm_head_bits: int | None = 8
+    lm_head_group_size: int | None = 64
     skip: list[str] = field(default_factory=lambda: ["lm_head"])
     seed: int = 0
     kmeans_n_init: int = 4

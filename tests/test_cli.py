@@ -52,7 +52,7 @@ def test_recipe_command_prints_the_passes_before_running_them(tmp_path, capsys):
     (tmp_path / "static.yaml").write_text("rotate: false\na_dynamic: false\ngptq: false\nsmooth_alpha: 0.5\n")
     assert main(["recipe", "--config", str(tmp_path / "static.yaml"), "--json"]) == 0
     stages = [p["stage"] for p in json.loads(capsys.readouterr().out)]
-    assert stages == ["observe", "calibrate", "smooth", "group", "quantize"]
+    assert stages == ["observe", "calibrate", "smooth", "group", "quantize", "embeddings"]
 
 
 def test_help_states_the_current_default_recipe(capsys):
@@ -183,7 +183,8 @@ def test_quantize_writes_an_onnxruntime_genai_folder_that_generates(tmp_path, ca
                  "--eval", "eval", "--eval-windows", "2", "--latency-runs", "1", "--quiet"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert {"model.onnx", "genai_config.json", "tokenizer.json", "graph.pt2"} <= {p.name for p in out.iterdir()}
-    assert report["onnx"]["format"] == "fast" and report["onnx"]["matmul_nbits"] == 12  # 2 layers x 6 Linears
+    assert report["onnx"]["format"] == "fast" and report["onnx"]["matmul_nbits_bits"] == {"4": 12, "8": 1}  # 2 x 6 + lm_head
+    assert report["onnx"]["op_types"]["GatherBlockQuantized"] == 1
     # the decoder's first step is the prefill-only graph: same perplexity as PyTorch (exact math at accuracy level 0)
     assert abs(report["eval"]["onnxruntime"]["ppl"] / report["eval"]["quantized"]["ppl"] - 1) < 1e-4
     capsys.readouterr()

@@ -103,13 +103,16 @@ def test_onnx_decoder_matches_pytorch_step_by_step(quantized, tmp_path, fmt):
     ref = _stepwise(dgm, ids, 6).numpy()
     np.testing.assert_allclose(np.concatenate(logits, 1), ref, rtol=0, atol=1e-4)
     report = onnx_qdq_report(path)
-    quantized_linears = sum(1 for r in llmq_fx.summary(quantized["qgm"]) if r["w_bits"] is not None)
-    if fmt == "fast":  # every integer weight is a MatMulNBits: no weight DequantizeLinear, no QuantizeLinear
-        assert report["matmul_nbits"] == quantized_linears and report["matmul_nbits_bits"] == {"4": quantized_linears}
+    bits = {}
+    for r in llmq_fx.summary(quantized["qgm"]):
+        if r["w_bits"] is not None:
+            bits[str(r["w_bits"])] = bits.get(str(r["w_bits"]), 0) + 1
+    tables = sum(1 for v in quantized["qgm"].meta["llmq_fx"].get("embeddings", {}).values() if v["kind"] == "embedding")
+    if fmt == "fast":  # every integer weight is a MatMulNBits (or GatherBlockQuantized): no weight DequantizeLinear
+        assert report["matmul_nbits_bits"] == bits and report["op_types"].get("GatherBlockQuantized", 0) == tables
         assert report["weight_dequantize_linear"] == 0 and report["quantize_linear"] == 0
-        assert report["op_types"].get("MatMulNBits") == quantized_linears
     else:
-        assert report["matmul_nbits"] == 0 and report["weight_dequantize_linear"] == quantized_linears
+        assert report["matmul_nbits"] == 0 and report["weight_dequantize_linear"] == sum(bits.values()) + tables
 
 
 def test_matmul_nbits_holds_the_graphs_codes_and_scales(quantized, tmp_path):
@@ -125,12 +128,19 @@ def test_matmul_nbits_holds_the_graphs_codes_and_scales(quantized, tmp_path):
         codes = qgm.get_buffer(node.input[1]).numpy().astype(np.int32)  # the packed blob keeps the codes' name
         scale = qgm.get_buffer(node.input[1].replace("weight_int", "weight_scale")).numpy()
         n_out, k_in = codes.shape
-        assert (attrs["N"], attrs["K"], attrs["bits"]) == (n_out, k_in, 4)
-        assert attrs["block_size"] == nbits_block_size(k_in, None)
+        bits = 4 if int(codes.min()) >= -8 and int(codes.max()) <= 7 and attrs["bits"] == 4 else 8
+        assert (attrs["N"], attrs["K"], attrs["bits"]) == (n_out, k_in, bits)
+        group = k_in // scale.shape[1] if scale.ndim == 2 else None
+        assert attrs["block_size"] == nbits_block_size(k_in, group)
         packed = inits[node.input[1]]
-        unpacked = np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(n_out, k_in).astype(np.int32)
-        np.testing.assert_array_equal(unpacked, codes + 8)
-        np.testing.assert_array_equal(inits[node.input[2]], np.repeat(scale[:, None], k_in // attrs["block_size"], 1))
+        if bits == 4:
+            unpacked = np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(n_out, k_in).astype(np.int32)
+        else:
+            unpacked = packed.reshape(n_out, k_in).astype(np.int32)
+        np.testing.assert_array_equal(unpacked, codes + 2 ** (bits - 1))
+        blocks = k_in // attrs["block_size"]
+        expected = np.repeat(scale[:, None], blocks, 1) if scale.ndim == 1 else scale
+        np.testing.assert_array_equal(inits[node.input[2]], expected)
 
 
 def test_genai_folder_generates_what_the_pytorch_graph_generates(quantized, tmp_path):

@@ -27,7 +27,7 @@ def quantized(opt_gm, calib):
 
 
 def test_tables_are_round_to_nearest_codes_of_the_rotated_float_tables(opt_gm, calib, quantized):
-    rotated = llmq_fx.quantize(opt_gm, calib, progress=False)  # same recipe without the embeddings pass
+    rotated = llmq_fx.quantize(opt_gm, calib, {"embed_bits": None, "lm_head_bits": None}, progress=False)  # no embeddings pass
     for path, bits in (("model.decoder.embed_tokens", 4), ("lm_head", 8)):
         float_table = rotated.get_parameter(f"{path}.weight")
         codes, scale = quantized.get_buffer(f"{path}.weight_int"), quantized.get_buffer(f"{path}.weight_scale")
@@ -74,8 +74,10 @@ def test_onnx_runs_the_quantized_tables(quantized, eval_ids, tmp_path, fmt):
         assert ops.get("GatherBlockQuantized") is None and ops.get("Gather") == 2
 
 
-def test_lm_head_bits_with_a_quantized_lm_head_is_an_error(opt_gm, calib):
-    with pytest.raises(llmq_fx.ConfigError, match="lm_head_bits is set, but lm_head is quantized already"):
-        llmq_fx.quantize(opt_gm, calib, {"lm_head_bits": 4, "skip": []}, progress=False)
+def test_an_lm_head_quantized_with_the_other_linears_is_left_to_them(opt_gm, calib, caplog):
+    qgm = llmq_fx.quantize(opt_gm, calib, {"lm_head_bits": 8, "skip": [], "w_bits": 4}, progress=False)
+    rows = {r["module"]: r for r in llmq_fx.summary(qgm)}
+    assert rows["lm_head"]["w_bits"] == 4 and rows["lm_head"]["a_bits"] == 4  # W4A4 as every Linear, not W8
+    assert "lm_head is quantized already" in caplog.text and "lm_head" not in qgm.meta["llmq_fx"]["embeddings"]
     with pytest.raises(llmq_fx.ConfigError, match="embed_group_size"):
         llmq_fx.QuantConfig(embed_group_size=0)

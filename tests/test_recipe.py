@@ -13,6 +13,7 @@ from llmq_fx.calibrate import calibration_batches
 from llmq_fx.errors import CalibrationError
 from llmq_fx.passes import (
     CalibratePass,
+    QuantizeEmbeddingsPass,
     GPTQPass,
     GroupChannelsPass,
     InsertObserversPass,
@@ -29,11 +30,12 @@ def _classes(r):
     return [type(p) for p in r]
 
 
-def test_default_recipe_is_rotate_observe_sequential_gptq_quantize():
+def test_default_recipe_is_rotate_observe_sequential_gptq_quantize_embeddings():
     r = llmq_fx.recipe()
-    assert _classes(r) == [RotatePass, InsertObserversPass, SequentialGPTQPass, InsertQDQPass]
-    assert r.stages() == ["rotate", "observe", "gptq", "quantize"]
-    rotate, observe, gptq, qdq = r
+    assert _classes(r) == [RotatePass, InsertObserversPass, SequentialGPTQPass, InsertQDQPass, QuantizeEmbeddingsPass]
+    assert r.stages() == ["rotate", "observe", "gptq", "quantize", "embeddings"]
+    rotate, observe, gptq, qdq, embeddings = r
+    assert embeddings.options.embedding == WeightSpec(4, 32, clip=True) and embeddings.options.lm_head == WeightSpec(8, 64, clip=True)
     assert rotate.options.required is False and rotate.options.seed == 0
     assert observe.options.hessian is False and observe.options.input_quant is None  # sequential takes its own moments
     assert gptq.options.weight == WeightSpec(4, None, clip=True)
@@ -52,9 +54,10 @@ def test_static_recipe_calibrates_then_smooths_and_groups():
 @pytest.mark.parametrize(
     "config, classes",
     [
-        ({"gptq_sequential": False}, [RotatePass, InsertObserversPass, CalibratePass, GPTQPass, InsertQDQPass]),
-        ({"rotate": False, "gptq": False}, [InsertObserversPass, CalibratePass, InsertQDQPass]),
-        ({"a_bits": None}, [RotatePass, InsertObserversPass, CalibratePass, GPTQPass, InsertQDQPass]),
+        ({"gptq_sequential": False}, [RotatePass, InsertObserversPass, CalibratePass, GPTQPass, InsertQDQPass, QuantizeEmbeddingsPass]),
+        ({"rotate": False, "gptq": False, "embed_bits": None, "lm_head_bits": None}, [InsertObserversPass, CalibratePass, InsertQDQPass]),
+        ({"a_bits": None, "lm_head_bits": None}, [RotatePass, InsertObserversPass, CalibratePass, GPTQPass, InsertQDQPass, QuantizeEmbeddingsPass]),
+        ({"embed_bits": None, "lm_head_bits": None}, [RotatePass, InsertObserversPass, SequentialGPTQPass, InsertQDQPass]),
         ({**STATIC, "gptq": True}, [InsertObserversPass, CalibratePass, SmoothPass, GroupChannelsPass, GPTQPass, InsertQDQPass]),
     ],
 )
@@ -64,20 +67,20 @@ def test_recipe_follows_the_config(config, classes):
 
 def test_options_come_from_the_config():
     r = llmq_fx.recipe({"seed": 7, "rotate": True, "gptq_sequential": False, "a_group_size": 32, "w_group_size": 16})
-    rotate, observe, calibrate, gptq, qdq = r
+    rotate, observe, calibrate, gptq, qdq, _ = r
     assert rotate.options.seed == 7 and rotate.options.required is True
     # one-pass act-aware GPTQ: the observers record Q(X) moments through the deployed quantizer
     assert observe.options.hessian and observe.options.input_quant == ActivationSpec(4, group_size=32, clip_ratio=0.9)
     assert gptq.options.act_aware == 0.3 and gptq.options.weight == WeightSpec(4, 16, clip=True)
     # act-aware GPTQ cannot apply with smoothing: plain GPTQ, and the observers record X^T X only
     r = llmq_fx.recipe({"gptq_sequential": False, "smooth_alpha": 0.5})
-    assert r[1].options.input_quant is None and r[1].options.hessian and r[-2].options.act_aware is None
+    assert r[1].options.input_quant is None and r[1].options.hessian and r[-3].options.act_aware is None
 
 
 def test_recipe_prints_every_pass_and_option():
     text = str(llmq_fx.recipe())
     lines = text.splitlines()
-    assert [line.split()[0] for line in lines] == ["rotate", "observe", "gptq", "quantize"]
+    assert [line.split()[0] for line in lines] == ["rotate", "observe", "gptq", "quantize", "embeddings"]
     assert "SequentialGPTQPass(" in lines[2] and "act_aware=0.3" in lines[2]
     assert "<A4 asymmetric dynamic groups of 64, clip 0.9>" in lines[3] and "<W4 symmetric per-channel, clip search>" in lines[3]
     assert "clip_search=[0.8, 0.85, 0.9, 0.95, 1.0]" in lines[2]
@@ -152,7 +155,7 @@ class _SharedLinear(nn.Module):
 
 def test_a_module_called_twice_gets_an_observer_and_integer_weight_per_call(calib):
     gm = llmq_fx.trace(_SharedLinear())
-    config = {"rotate": False, "a_bits": None, "gptq_sequential": False, "skip": []}
+    config = {"rotate": False, "a_bits": None, "gptq_sequential": False, "skip": [], "embed_bits": None, "lm_head_bits": None}
     qgm = llmq_fx.quantize(gm, calib, config, progress=False)
     deq = [n for n in qgm.graph.nodes if n.target == torch.ops.llmq.dequantize_weight.default]
     targets = sorted(n.args[0].target for n in deq)

@@ -61,7 +61,7 @@ _MIN_OPSET = 21
 FORMATS = ("fast", "qdq")
 # MatMulNBits block sizes, largest first (powers of two >= 16): a per-channel row takes the largest
 # that divides it. 128 and 64 ran faster than 32 on this CPU (576 x 1536, 512 rows: 4.5 ms at 64, 6.3 at 32).
-_NBITS_BLOCKS = (128, 64, 32, 16)
+_NBITS_BLOCKS = (256, 128, 64, 32, 16)
 
 _QDQ_OP_TYPES = ("QuantizeLinear", "DequantizeLinear")
 # Integer range of each QDQ element type: a value outside it would silently wrap when packed.
@@ -128,6 +128,8 @@ def to_onnx(
         if format == "fast":
             converted, kept = _to_matmul_nbits(model.graph, accuracy_level)
             logger.debug("MatMulNBits: %d weights, %d left as DequantizeLinear", converted, kept)
+        folded = _fold_weight_transposes(model.graph)
+        logger.debug("float weights stored transposed for MatMul: %d", folded)
         _check_quantized_weights(model, gm)
         config = gm.meta.get("llmq_fx", {}).get("config")
         if config is not None:  # so the file says how it was quantized
@@ -451,6 +453,56 @@ def _to_gather_block_quantized(graph: ir.Graph, dq: ir.Node) -> bool:
     graph.remove(dq, safe=True)
     node.outputs[0].name = name
     return True
+
+
+def _fold_weight_transposes(graph: ir.Graph) -> int:
+    """Store every float weight as the ``[K, N]`` constant its MatMul reads: ``Transpose(W) -> MatMul``
+    becomes ``MatMul(x, W^T)`` with ``W^T`` an initializer, and ``Gemm(x, W, b, transB=1)`` (the
+    exporter's form of a 2-D Linear) becomes ``MatMul(x, W^T) + b``. The same math; onnxruntime would
+    fold the transposes at load time anyway, but tools that read the file (onnxruntime's
+    ``MatMulNBitsQuantizer`` looks for ``MatMul`` with a constant weight) see every Linear."""
+    count = 0
+    for node in list(graph):
+        w = node.inputs[0] if node.op_type == "Transpose" else node.inputs[1] if node.op_type == "Gemm" else None
+        if w is None or not w.is_initializer() or w.const_value is None or w.dtype != ir.DataType.FLOAT:
+            continue
+        if len(w.shape) != 2 or len(list(w.uses())) != 1:
+            continue
+        attrs = {a.name: a.value for a in node.attributes.values()}
+        if node.op_type == "Transpose":
+            if list(attrs.get("perm", [1, 0])) != [1, 0]:
+                continue
+            uses = list(node.outputs[0].uses())
+            if not uses or any(u.node.op_type != "MatMul" or u.idx != 1 for u in uses):
+                continue
+            t = _initializer(graph, w.name + ".T", np.ascontiguousarray(w.const_value.numpy().T))
+            node.outputs[0].replace_all_uses_with(t)
+            graph.remove(node, safe=True)
+        else:
+            if attrs.get("transB", 0) != 1 or attrs.get("transA", 0) != 0 or attrs.get("alpha", 1.0) != 1.0 \
+                    or attrs.get("beta", 1.0) != 1.0:
+                continue
+            t = _initializer(graph, w.name + ".T", np.ascontiguousarray(w.const_value.numpy().T))
+            matmul = ir.node("MatMul", [node.inputs[0], t], name=f"{node.name}.MatMul")
+            graph.insert_before(node, matmul)
+            last = matmul
+            if len(node.inputs) > 2 and node.inputs[2] is not None:
+                last = ir.node("Add", [matmul.outputs[0], node.inputs[2]], name=f"{node.name}.Add")
+                graph.insert_before(node, last)
+            _take_over(node.outputs[0], last.outputs[0])
+            name = node.outputs[0].name
+            node.outputs[0].replace_all_uses_with(last.outputs[0], replace_graph_outputs=True)
+            graph.remove(node, safe=True)
+            last.outputs[0].name = name
+        count += 1
+    if count:
+        _remove_dead(graph)
+        for value in list(graph.initializers.values()):  # the transposed weight takes the weight's name
+            if value.name.endswith(".T") and value.name[:-2] not in graph.initializers:
+                graph.initializers.pop(value.name)
+                value.name = value.name[:-2]
+                graph.register_initializer(value)
+    return count
 
 
 def _take_over(old: ir.Value, new: ir.Value) -> None:

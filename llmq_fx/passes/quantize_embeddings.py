@@ -8,8 +8,10 @@ Pattern (from the graph, not from names):
   casts and a logit softcap (``tanh``, ``mul``, ``div``).
 
 Rewrite: the weight becomes ``llmq.dequantize_weight(codes, scale, bits)`` of symmetric integer codes,
-one scale per ``group_size`` columns of a row (``WeightSpec``, round-to-nearest with the clipping
-search), the same nodes every quantized Linear reads (``insert_weight_dequant``). The lm_head's
+one scale per group of columns of a row (``WeightSpec``, round-to-nearest with the clipping search),
+the same nodes every quantized Linear reads (``insert_weight_dequant``). The configured group size is
+an upper bound: the largest power of two up to it (at least 16) that divides the row is used, else
+one scale per row. The lm_head's
 input stays float (weight-only, as in onnxruntime-genai's int4 models): it is the site after the
 final norm, where a 4-bit activation would cost the most. The exporter writes the embedding as
 ``com.microsoft.GatherBlockQuantized`` and the lm_head as ``MatMulNBits`` (the ``fast`` format), or as
@@ -21,6 +23,7 @@ rotation unties them), which are most of a small model's file (SmolLM2-135M: 2 x
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -30,7 +33,6 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from llmq_fx import ops  # noqa: F401  (registers torch.ops.llmq)
 from llmq_fx import qmath
-from llmq_fx.errors import ConfigError
 from llmq_fx.graph import VIEW_OPS, attr, is_linear, module_path
 from llmq_fx.passes.base import LlmqPass
 from llmq_fx.passes.insert_qdq import delete_replaced_weights, insert_weight_dequant, is_integer_weight
@@ -52,6 +54,18 @@ class EmbeddingsOptions:
 
     embedding: WeightSpec | None = None
     lm_head: WeightSpec | None = None
+
+
+def _group_for(columns: int, group_size: int | None) -> int | None:
+    """The group size used for a table of ``columns`` columns: ``group_size`` is an upper bound, and
+    the largest power of two up to it (at least 16, what GatherBlockQuantized/MatMulNBits take) that
+    divides the row is used; None (one scale per row) when none does."""
+    if group_size is None:
+        return None
+    g = 1 << (group_size.bit_length() - 1)
+    while g >= 16 and columns % g:
+        g //= 2
+    return g if g >= 16 else None
 
 
 def token_embeddings(gm: fx.GraphModule) -> list[fx.Node]:
@@ -116,10 +130,9 @@ class QuantizeEmbeddingsPass(LlmqPass):
             if head is None:
                 logger.warning("lm_head_bits: no Linear produces the logits; left as it is")
             elif is_integer_weight(head.args[1]):
-                raise ConfigError(
-                    f"lm_head_bits is set, but {module_path(head)} is quantized already (remove it from 'skip' "
-                    "to quantize it as the other Linears, or drop lm_head_bits)"
-                )
+                # Not in 'skip': InsertQDQPass quantized it as the other Linears (weights and input).
+                logger.warning("lm_head_bits=%d: %s is quantized already (it is not in 'skip'); left as it is",
+                               opts.lm_head.bits, module_path(head))
             else:
                 path = module_path(head)
                 record[path] = self._quantize(gm, head, 1, opts.lm_head, "lm_head")
@@ -137,8 +150,7 @@ class QuantizeEmbeddingsPass(LlmqPass):
         w_node = node.args[index]
         path = module_path(node)
         weight = attr(gm, w_node.target)
-        if spec.group_size is not None and weight.shape[1] % spec.group_size:
-            raise ConfigError(f"{kind} group size {spec.group_size} does not divide the {weight.shape[1]} columns of {path}")
+        spec = dataclasses.replace(spec, group_size=_group_for(weight.shape[1], spec.group_size))
         qweight, scale = spec.quantize(weight)
         deq = insert_weight_dequant(gm, node, path, qweight, scale, spec.bits, index=index)
         err = (qmath.dequantize_weight(qweight, scale) - weight.float()).square().sum() / weight.float().square().sum()
