@@ -8,7 +8,9 @@ For each model, one onnxruntime-genai folder per row, each built in this run:
 * ``float``: the float32 model, captured with its KV cache and exported the same way (``to_genai`` of
   ``llmq_fx.trace(model)``): the reference every ratio is taken against;
 * ``ort-matmulnbits``: onnxruntime's own ``MatMulNBitsQuantizer`` (W4, block 32, symmetric,
-  accuracy level 4) applied to the float row's ``model.onnx``: weight-only, activations float;
+  accuracy level 4) applied to the float row's ``model.onnx``: weight-only, activations float. It
+  quantizes ``MatMul`` nodes with a constant weight; a tied embedding/lm_head table (read by the
+  ``Gather`` too) is not one, so it leaves that lm_head in float;
 * ``genai-builder-int4`` (Llama-family models only; the builder has no OPT): onnxruntime-genai's model
   builder, ``python -m onnxruntime_genai.models.builder -i HF_FOLDER -o OUT -p int4 -e cpu`` on the
   same weights saved as a Hugging Face folder;
@@ -159,7 +161,11 @@ def _set_threads(folder: Path, threads: int) -> None:
 def build_ort_matmulnbits(float_folder: Path, out: Path) -> None:
     """onnxruntime's MatMulNBitsQuantizer on the float folder's model.onnx (genai config and tokenizer copied)."""
     import onnx
+    import logging
+
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
 
     shutil.copytree(float_folder, out, ignore=shutil.ignore_patterns("model.onnx*"))
     quantizer = MatMulNBitsQuantizer(onnx.load(str(float_folder / "model.onnx")), bits=4, block_size=32,
@@ -172,8 +178,17 @@ def build_ort_matmulnbits(float_folder: Path, out: Path) -> None:
 
 def build_genai_builder(model, tokenizer, out: Path, work: Path) -> None:
     """onnxruntime-genai's model builder, int4 CPU, on the model saved as a Hugging Face folder."""
+    import copy
+
     hf = work / "hf"
-    model.save_pretrained(hf)
+    # A model read from GGUF (SmolLM2) refuses save_pretrained although its weights are plain float32:
+    # save a fresh model of the same config holding the same tensors.
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = type(model)(config)
+    fresh.load_state_dict(model.state_dict())
+    fresh.save_pretrained(hf)
     tokenizer.save_pretrained(hf)
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out), "-p", "int4",
            "-e", "cpu", "-c", str(work / "cache")]

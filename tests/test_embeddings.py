@@ -36,7 +36,8 @@ def test_tables_are_round_to_nearest_codes_of_the_rotated_float_tables(opt_gm, c
         assert -(2 ** (bits - 1)) <= int(codes.min()) and int(codes.max()) < 2 ** (bits - 1)
         assert not hasattr(quantized.get_submodule(path), "weight")  # the float table is gone
     rows = {r["module"]: r for r in llmq_fx.summary(quantized)}
-    assert rows["lm_head"]["w_bits"] == 8 and rows["lm_head"]["w_group_size"] == 16 and rows["lm_head"]["a_bits"] is None
+    # 8-bit lm_head: its input is quantized to int8 per group, as MatMulNBits' 8-bit kernel (accuracy level 4) does
+    assert rows["lm_head"]["w_bits"] == 8 and rows["lm_head"]["w_group_size"] == 16 and rows["lm_head"]["a_bits"] == 8
     record = quantized.meta["llmq_fx"]["embeddings"]
     assert record["model.decoder.embed_tokens"]["bits"] == 4 and record["lm_head"]["kind"] == "lm_head"
 
@@ -57,7 +58,11 @@ def test_the_graph_reads_the_dequantized_tables(quantized, eval_ids):
         logits = Recorder(quantized).run(eval_ids)
     w = qmath.dequantize_weight(quantized.get_buffer("lm_head.weight_int"), quantized.get_buffer("lm_head.weight_scale"))
     bias = quantized.get_parameter(head.args[2].target)  # the final LayerNorm's bias, folded in by the rotation
-    torch.testing.assert_close(logits, hidden["x"] @ w.T + bias, rtol=1e-5, atol=1e-5)
+    x = hidden["x"]  # the lm_head's input: int8 per group of 16, symmetric, absmax / 127 (an independent reference)
+    groups = x.reshape(*x.shape[:-1], -1, 16)
+    scale = (groups.abs().amax(-1, keepdim=True) / 127).clamp_min(1e-8)
+    assert torch.equal(x, (torch.round(groups / scale).clamp(-128, 127) * scale).reshape(x.shape))
+    torch.testing.assert_close(logits, x @ w.T + bias, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("fmt", ["fast", "qdq"])

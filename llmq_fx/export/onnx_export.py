@@ -124,12 +124,7 @@ def to_onnx(
     try:
         t0 = time.perf_counter()
         with _on_cpu(gm):
-            model = _export_ir(gm, opset, example_input_ids, format)
-        if format == "fast":
-            converted, kept = _to_matmul_nbits(model.graph, accuracy_level)
-            logger.debug("MatMulNBits: %d weights, %d left as DequantizeLinear", converted, kept)
-        folded = _fold_weight_transposes(model.graph)
-        logger.debug("float weights stored transposed for MatMul: %d", folded)
+            model = _export_ir(gm, opset, example_input_ids, format, accuracy_level)
         _check_quantized_weights(model, gm)
         config = gm.meta.get("llmq_fx", {}).get("config")
         if config is not None:  # so the file says how it was quantized
@@ -178,8 +173,10 @@ def _on_cpu(gm: fx.GraphModule):
         gm.to(device)
 
 
-def _export_ir(gm: fx.GraphModule, opset: int, example_input_ids: torch.Tensor | None, format: str) -> ir.Model:
-    """Dynamo export with the llmq translations, integer weights folded, then the ONNX optimizer."""
+def _export_ir(gm: fx.GraphModule, opset: int, example_input_ids: torch.Tensor | None, format: str,
+               accuracy_level: int) -> ir.Model:
+    """Dynamo export with the llmq translations, integer weights folded, the fast format's rewrites,
+    float weights stored as MatMul reads them, then the ONNX optimizer."""
     decoder = gm.meta.get("llmq_fx", {}).get("decoder")
     if decoder is not None:
         from llmq_fx.capture import DecoderSpec, decoder_dynamic_shapes, decoder_example_inputs
@@ -214,6 +211,12 @@ def _export_ir(gm: fx.GraphModule, opset: int, example_input_ids: torch.Tensor |
         raise ExportError(f"torch.onnx.export failed: {_failing_op(err, gm)}") from err
     folded = _fold_integer_casts(program.model.graph)
     logger.debug("folded %d integer casts into initializers", folded)
+    if format == "fast":
+        converted, kept = _to_matmul_nbits(program.model.graph, accuracy_level)
+        logger.debug("MatMulNBits: %d weights, %d left as DequantizeLinear", converted, kept)
+    _resolve_kernel_inputs(program.model.graph)
+    transposed = _fold_weight_transposes(program.model.graph)
+    logger.debug("float weights stored transposed for MatMul: %d", transposed)
     program.optimize()
     for node in program.model.graph.all_nodes():
         # Python stack traces of the export call: local paths, and most of a small model's file size.
@@ -365,6 +368,7 @@ def _to_matmul_nbits(graph: ir.Graph, accuracy_level: int) -> tuple[int, int]:
                 converted += 1
             continue
         x, last, replaced, bias = found
+        level, x = _kernel_input(x, accuracy_level)
         codes = w.const_value.numpy().astype(np.int32)
         n_out, k_in = codes.shape
         found_scales = _block_scales(dq, k_in)
@@ -380,7 +384,7 @@ def _to_matmul_nbits(graph: ir.Graph, accuracy_level: int) -> tuple[int, int]:
         s_value = _initializer(graph, w.name + ".nbits_scale", scales)
         node = ir.node(
             "MatMulNBits", [x, b_value, s_value, None, None, bias],
-            attributes={"K": k_in, "N": n_out, "bits": bits, "block_size": block, "accuracy_level": accuracy_level},
+            attributes={"K": k_in, "N": n_out, "bits": bits, "block_size": block, "accuracy_level": level},
             domain="com.microsoft", name=f"{w.name}.MatMulNBits",
         )
         graph.insert_before(last, node)
@@ -416,6 +420,37 @@ def _block_scales(dq: ir.Node, k_in: int) -> tuple[np.ndarray, int] | None:
         return None
     scales = np.repeat(scale[:, None], k_in // block, axis=1) if scale.ndim == 1 else scale
     return np.ascontiguousarray(scales, dtype=np.float32), block
+
+
+# Node metadata the fast translation puts on an 8-bit symmetric per-group dynamic QDQ: the int8 input
+# quantization MatMulNBits does itself at accuracy level 4 (value: the group size).
+KERNEL_INPUT_META = "llmq.int8_kernel_input"
+KERNEL_INPUT_START_META = "llmq.int8_kernel_input_start"
+
+
+def _kernel_input(x: ir.Value, accuracy_level: int) -> tuple[int, ir.Value]:
+    """``(accuracy_level, A)`` for a MatMulNBits reading ``x``: when ``x`` is a tagged int8 per-group
+    quantization, the kernel does it (level 4) and reads the quantization's own input."""
+    node = x.producer()
+    if node is None or KERNEL_INPUT_META not in node.metadata_props:
+        return accuracy_level, x
+    stack, seen = [node], set()
+    while stack:  # back through the quantization's ops to the one that read its input
+        n = stack.pop()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        if KERNEL_INPUT_START_META in n.metadata_props:
+            return 4, n.inputs[0]
+        stack.extend(v.producer() for v in n.inputs if v is not None and v.producer() is not None)
+    raise ExportError(f"int8 kernel input {x.name}: its start is not tagged")
+
+
+def _resolve_kernel_inputs(graph: ir.Graph) -> None:
+    """Drop the tags of int8 input quantizations no MatMulNBits took over: they stay as float ops."""
+    for node in graph:
+        node.metadata_props.pop(KERNEL_INPUT_META, None)
+        node.metadata_props.pop(KERNEL_INPUT_START_META, None)
 
 
 def _to_gather_block_quantized(graph: ir.Graph, dq: ir.Node) -> bool:

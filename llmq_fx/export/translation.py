@@ -111,8 +111,13 @@ def quantize_dequantize_dynamic_onnx(x, bits: int, symmetric: bool, clip_ratio: 
             raise ValueError(f"activation group size {g} does not divide {channels} channels")
         lead = [0] * (len(x.shape) - 1)  # Reshape's 0: copy that dim (batch, sequence stay dynamic)
         grouped = op.Reshape(x, op.Constant(value_ints=lead + [channels // g, g]))
-        out = _dynamic_rows(grouped, g, spec, integer_codes)
-        return op.Reshape(out, op.Constant(value_ints=lead + [channels]))
+        out = op.Reshape(_dynamic_rows(grouped, g, spec, integer_codes), op.Constant(value_ints=lead + [channels]))
+        if not integer_codes and (spec.bits, spec.symmetric, spec.clip_ratio) == (8, True, 1.0):
+            # What MatMulNBits does to its input at accuracy level 4 (int8 per block, absmax / 127): tagged
+            # so that onnx_export hands it to the kernel when this feeds one with blocks of this group.
+            out.producer().metadata_props["llmq.int8_kernel_input"] = str(g)
+            grouped.producer().metadata_props["llmq.int8_kernel_input_start"] = str(g)
+        return out
     return _dynamic_rows(x, channels, spec, integer_codes)
 
 

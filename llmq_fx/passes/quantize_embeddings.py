@@ -12,8 +12,8 @@ one scale per group of columns of a row (``WeightSpec``, round-to-nearest with t
 the same nodes every quantized Linear reads (``insert_weight_dequant``). The configured group size is
 an upper bound: the largest power of two up to it (at least 16) that divides the row is used, else
 one scale per row. The lm_head's
-input stays float (weight-only, as in onnxruntime-genai's int4 models): it is the site after the
-final norm, where a 4-bit activation would cost the most. The exporter writes the embedding as
+input stays float (weight-only, as in onnxruntime-genai's int4 models) at 4 bits; at 8 bits it is
+quantized to int8 per group, what onnxruntime's fast 8-bit kernel does to it (``_int8_kernel_input``). The exporter writes the embedding as
 ``com.microsoft.GatherBlockQuantized`` and the lm_head as ``MatMulNBits`` (the ``fast`` format), or as
 ``DequantizeLinear`` + ``Gather``/``MatMul`` (``qdq``).
 
@@ -36,7 +36,7 @@ from llmq_fx import qmath
 from llmq_fx.graph import VIEW_OPS, attr, is_linear, module_path
 from llmq_fx.passes.base import LlmqPass
 from llmq_fx.passes.insert_qdq import delete_replaced_weights, insert_weight_dequant, is_integer_weight
-from llmq_fx.spec import WeightSpec
+from llmq_fx.spec import ActivationSpec, WeightSpec
 
 __all__ = ["QuantizeEmbeddingsPass", "EmbeddingsOptions", "token_embeddings", "output_projection"]
 
@@ -54,6 +54,26 @@ class EmbeddingsOptions:
 
     embedding: WeightSpec | None = None
     lm_head: WeightSpec | None = None
+
+
+def _int8_kernel_input(gm: fx.GraphModule, head: fx.Node, group: int | None) -> ActivationSpec:
+    """Make an 8-bit lm_head read its input as onnxruntime's fast 8-bit kernel does.
+
+    ``MatMulNBits`` has a fast 8-bit kernel only at ``accuracy_level`` 4, which quantizes its input to
+    int8 per block of the weight's group (symmetric, scale = absmax / 127) and multiplies in integers
+    (at levels 0-2 it runs a slow fallback: 76 ms per token for SmolLM2's 49152 x 576 lm_head on this
+    CPU, against 0.2 ms). The graph quantizes the lm_head input the same way, so PyTorch computes what
+    onnxruntime runs; the exporter hands that quantization to the kernel (``onnx_export``).
+    """
+    spec = ActivationSpec(bits=8, symmetric=True, dynamic=True, group_size=group or 0, clip_ratio=1.0)
+    x = head.args[0]
+    with gm.graph.inserting_before(head):
+        qdq = gm.graph.call_function(torch.ops.llmq.quantize_dequantize_dynamic.default, (x, *spec.op_args()))
+    for key in ("val", "nn_module_stack"):
+        if key in x.meta:
+            qdq.meta[key] = x.meta[key]
+    head.replace_input_with(x, qdq)
+    return spec
 
 
 def _group_for(columns: int, group_size: int | None) -> int | None:
@@ -136,8 +156,13 @@ class QuantizeEmbeddingsPass(LlmqPass):
             else:
                 path = module_path(head)
                 record[path] = self._quantize(gm, head, 1, opts.lm_head, "lm_head")
+                a_bits = None
+                if opts.lm_head.bits == 8:
+                    record[path]["input"] = str(_int8_kernel_input(gm, head, record[path]["group_size"]))
+                    a_bits = 8
                 linears = gm.meta["llmq_fx"].setdefault("linears", {})
-                linears.setdefault(path, {}).update(w_bits=opts.lm_head.bits, w_group_size=opts.lm_head.group_size)
+                linears.setdefault(path, {}).update(w_bits=opts.lm_head.bits, w_group_size=record[path]["group_size"],
+                                                    a_bits=a_bits)
                 modified = True
         gm.graph.eliminate_dead_code()
         delete_replaced_weights(gm)
