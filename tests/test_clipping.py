@@ -84,7 +84,7 @@ def test_static_clip_shrinks_every_cluster_range(opt_gm, calib):
 def test_dynamic_clip_model_exports_and_matches_pytorch(opt_gm, calib, eval_ids, tmp_path, search):
     cfg = llmq_fx.QuantConfig(a_dynamic=True, a_clip_ratio=0.9, w_clip=True, a_clip_search=search)
     qgm = llmq_fx.quantize(opt_gm, calib, cfg, progress=False)
-    qdq = [n for n in qgm.graph.nodes if n.target == torch.ops.llmq.quantize_dequantize_dynamic.default]
+    qdq = [n for n in qgm.graph.nodes if n.target == torch.ops.llmq.quantize_dequantize_dynamic.default and "llmq_site" in n.meta]
     if search is None:
         assert qdq and all(n.args[3] == 0.9 for n in qdq)
     else:  # one ratio per site, chosen by the sequential GPTQ pass, each exported as it is

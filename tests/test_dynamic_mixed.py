@@ -284,7 +284,7 @@ def test_grouped_dynamic_is_per_row_reference_on_each_group(tmp_path, bits, symm
 
 def test_grouped_dynamic_model_exports_and_matches_pytorch(opt_gm, calib, eval_ids, tmp_path):
     qgm = llmq_fx.quantize(opt_gm, calib, llmq_fx.QuantConfig(a_dynamic=True, a_group_size=16), progress=False)
-    nodes = [n for n in qgm.graph.nodes if n.target == QDQ_DYNAMIC]
+    nodes = [n for n in qgm.graph.nodes if n.target == QDQ_DYNAMIC and "llmq_site" in n.meta]  # sites, not the lm_head's A8
     assert len(nodes) == N_SITES and all(n.args[4] == 16 for n in nodes)
     path = to_onnx(qgm, tmp_path / "grouped.onnx", format="qdq")
     _assert_ort_matches(path, qgm, eval_ids)
@@ -299,7 +299,7 @@ def test_grouped_dynamic_model_exports_and_matches_pytorch(opt_gm, calib, eval_i
 def test_group_size_is_an_upper_bound_per_site(opt_gm, calib):
     # hidden 32 (q/k/v, out_proj, fc1 inputs), ffn 64 (fc2 input): groups of 32 split only fc2's input
     qgm = llmq_fx.quantize(opt_gm, calib, llmq_fx.QuantConfig(a_group_size=32), progress=False)
-    groups = {n.meta["llmq_site"].role: n.args[4] for n in qgm.graph.nodes if n.target == QDQ_DYNAMIC}
+    groups = {n.meta["llmq_site"].role: n.args[4] for n in qgm.graph.nodes if n.target == QDQ_DYNAMIC and "llmq_site" in n.meta}
     assert groups == {"qkv": 0, "out_proj": 0, "fc1": 0, "fc2": 32}
     rows = {r["module"]: r for r in llmq_fx.summary(qgm)}
     assert rows["model.decoder.layers.0.fc2"]["clusters"] == "per-token/32"
@@ -319,7 +319,7 @@ def test_group_size_that_does_not_divide_a_site_keeps_it_per_token(opt_gm, calib
     # 24 divides neither the 32 channels of the q/k/v, out_proj and fc1 inputs nor fc2's 64
     with caplog.at_level(logging.WARNING, logger="llmq_fx.passes.insert_qdq"):
         qgm = llmq_fx.quantize(opt_gm, calib, llmq_fx.QuantConfig(a_group_size=24), progress=False)
-    assert all(n.args[4] == 0 for n in qgm.graph.nodes if n.target == QDQ_DYNAMIC)
+    assert all(n.args[4] == 0 for n in qgm.graph.nodes if n.target == QDQ_DYNAMIC and "llmq_site" in n.meta)
     warned = [r.getMessage() for r in caplog.records if "does not divide" in r.getMessage()]
     assert len(warned) == N_SITES  # every quantized site once (lm_head is skipped: no QDQ)
     assert any("a_group_size=24 does not divide the 64 input channels of model.decoder.layers.0.fc2" in m for m in warned)
