@@ -21,7 +21,7 @@ MIXED = {**STATIC, "a_outlier_bits": 8, "n_clusters": 4}
 
 def make_llama():
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     return LlamaForCausalLM(config).eval()
 
@@ -37,8 +37,9 @@ def quantized(request, calib):
     with torch.no_grad():
         float_logits = model(input_ids=ids, use_cache=False).logits.clone()
     qgm = llmq_fx.quantize(llmq_fx.trace(model), calib, config, progress=False)
-    dgm = quantized_decoder(qgm, model)
-    return {"model": model, "qgm": qgm, "dgm": dgm, "ids": ids, "float_logits": float_logits}
+    dgm = quantized_decoder(qgm, model)  # fused: llmq.rms_norm, llmq.group_query_attention
+    plain = quantized_decoder(qgm, model, fuse=False)
+    return {"model": model, "qgm": qgm, "dgm": dgm, "plain": plain, "ids": ids, "float_logits": float_logits}
 
 
 def _empty_past(spec, batch=1):
@@ -58,8 +59,9 @@ def _stepwise(dgm, ids, split):
     return torch.cat(logits, 1)
 
 
-def test_prefill_plus_decode_equals_the_prefill_only_graph(quantized):
-    qgm, dgm, ids = quantized["qgm"], quantized["dgm"], quantized["ids"]
+@pytest.mark.parametrize("which", ["dgm", "plain"])
+def test_prefill_plus_decode_equals_the_prefill_only_graph(quantized, which):
+    qgm, dgm, ids = quantized["qgm"], quantized[which], quantized["ids"]
     with torch.no_grad():
         ref = qgm(ids)
     torch.testing.assert_close(_stepwise(dgm, ids, 16), ref, rtol=0, atol=1e-5)  # one prefill
@@ -89,7 +91,7 @@ def _ort_feed(spec, ids, past=None, start=0):
 def test_onnx_decoder_matches_pytorch_step_by_step(quantized, tmp_path, fmt):
     import onnxruntime as ort
 
-    dgm, ids = quantized["dgm"], quantized["ids"]
+    dgm, ids = quantized["dgm" if fmt == "fast" else "plain"], quantized["ids"]
     spec = dgm.meta["llmq_fx"]["decoder"]
     path = to_onnx(dgm, tmp_path / "model.onnx", format=fmt, accuracy_level=0)
     options = ort.SessionOptions()
@@ -111,6 +113,12 @@ def test_onnx_decoder_matches_pytorch_step_by_step(quantized, tmp_path, fmt):
     if fmt == "fast":  # every integer weight is a MatMulNBits (or GatherBlockQuantized): no weight DequantizeLinear
         assert report["matmul_nbits_bits"] == bits and report["op_types"].get("GatherBlockQuantized", 0) == tables
         assert report["weight_dequantize_linear"] == 0 and report["quantize_linear"] == 0
+        # one fused attention per layer; the norms fused too (LayerNorm stays LayerNormalization unrotated)
+        assert report["op_types"]["GroupQueryAttention"] == spec["num_layers"]
+        rms = sum(1 for n in dgm.graph.nodes if n.target == torch.ops.llmq.rms_norm.default)
+        assert report["op_types"].get("SimplifiedLayerNormalization", 0) == rms
+        assert rms == (2 * spec["num_layers"] + 1 if dgm.meta["llmq_fx"]["config"]["rotate"] else 0) or spec["model_type"] == "llama"
+        assert "Softmax" not in report["op_types"]
     else:
         assert report["matmul_nbits"] == 0 and report["weight_dequantize_linear"] == sum(bits.values()) + tables
 
@@ -119,6 +127,8 @@ def test_matmul_nbits_holds_the_graphs_codes_and_scales(quantized, tmp_path):
     """The packed uint8 blocks unpack to the GraphModule's int codes + 8, and the block scales repeat its per-row scale."""
     qgm, dgm = quantized["qgm"], quantized["dgm"]
     path = to_onnx(dgm, tmp_path / "model.onnx", format="fast", accuracy_level=0)
+    with pytest.raises(llmq_fx.ExportError, match="fused ops .* only the 'fast' format"):
+        to_onnx(dgm, tmp_path / "qdq.onnx", format="qdq")
     model = onnx.load(str(path))
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
     nodes = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
@@ -169,3 +179,15 @@ def test_generate_refuses_what_it_cannot_run(quantized, tmp_path):
     context = json.loads((folder / "genai_config.json").read_text())["model"]["context_length"]
     with pytest.raises(CheckpointError, match=f"the prompt has {context} tokens; the model's context is {context}"):
         generate(folder, [1] * context, 4)
+
+
+def test_attention_with_a_head_size_onnxruntime_refuses_stays_unfused(calib):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # head size 12
+    model = LlamaForCausalLM(config).eval()
+    gm = llmq_fx.trace(model)
+    dgm = quantized_decoder(gm, model)
+    targets = [n.target for n in dgm.graph.nodes]
+    assert torch.ops.llmq.group_query_attention.default not in targets
+    assert torch.ops.aten.scaled_dot_product_attention.default in targets and torch.ops.llmq.rms_norm.default in targets

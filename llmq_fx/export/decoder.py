@@ -43,7 +43,7 @@ _LLMQ_OPS = {
 }
 
 
-def quantized_decoder(qgm: fx.GraphModule, model: nn.Module, check: bool = True) -> fx.GraphModule:
+def quantized_decoder(qgm: fx.GraphModule, model: nn.Module, check: bool = True, fuse: bool = True) -> fx.GraphModule:
     """The KV-cache decoder of ``model`` computing what ``qgm`` (``llmq_fx.quantize(llmq_fx.trace(model), ...)``,
     or ``llmq_fx.load`` of it) computes.
 
@@ -51,6 +51,9 @@ def quantized_decoder(qgm: fx.GraphModule, model: nn.Module, check: bool = True)
         qgm: the quantized graph; not modified.
         model: the float Hugging Face model ``qgm`` was captured from; not modified.
         check: compare the decoder's logits on an empty cache with ``qgm``'s on 8 tokens.
+        fuse: replace RMSNorms and KV-cache attentions by ``llmq.rms_norm`` /
+            ``llmq.group_query_attention`` (``FuseRMSNormPass``, ``FuseAttentionPass``), which the ``fast``
+            ONNX format writes as onnxruntime's fused ops; the ``qdq`` format needs ``fuse=False``.
 
     Returns:
         A GraphModule ``(input_ids, attention_mask, position_ids, past) -> (logits, *present)`` with
@@ -75,7 +78,13 @@ def quantized_decoder(qgm: fx.GraphModule, model: nn.Module, check: bool = True)
     _drop_unread(dgm)
     dgm.graph.lint()
     dgm.recompile()
-    dgm.meta["llmq_fx"] = {**{k: v for k, v in meta.items() if k != "site_stats"}, "decoder": spec}
+    dgm.meta["llmq_fx"] = {**{k: v for k, v in meta.items() if k != "site_stats"}, "decoder": spec, "fused": fuse}
+    if fuse:
+        from llmq_fx.passes.fuse_attention import FuseAttentionPass
+        from llmq_fx.passes.fuse_rms_norm import FuseRMSNormPass
+
+        FuseRMSNormPass()(dgm)
+        FuseAttentionPass()(dgm)
     if check:
         check_decoder(qgm, dgm)
     return dgm

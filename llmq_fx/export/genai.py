@@ -68,7 +68,7 @@ def to_genai(
     from llmq_fx.export.onnx_export import to_onnx
 
     folder = Path(folder)
-    dgm = decoder if decoder is not None else quantized_decoder(qgm, model)
+    dgm = decoder if decoder is not None else quantized_decoder(qgm, model, fuse=format == "fast")
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))

@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_ir as ir
+import onnxscript.optimizer
 import torch
 from torch import fx
 from torch.export import Dim
@@ -59,6 +60,7 @@ EXTERNAL_DATA_THRESHOLD_BYTES = 1_800_000_000
 # INT4/UINT4 types and blocked (block_size) DequantizeLinear need opset 21.
 _MIN_OPSET = 21
 FORMATS = ("fast", "qdq")
+_FOLD_LIMIT = 65536
 # MatMulNBits block sizes, largest first (powers of two >= 16): a per-channel row takes the largest
 # that divides it. 128 and 64 ran faster than 32 on this CPU (576 x 1536, 512 rows: 4.5 ms at 64, 6.3 at 32).
 _NBITS_BLOCKS = (256, 128, 64, 32, 16)
@@ -115,6 +117,12 @@ def to_onnx(
     path = Path(path)
     if format not in FORMATS:
         raise ExportError(f"unknown ONNX format {format!r}; choose from {', '.join(FORMATS)}")
+    fused = [n.name for n in gm.graph.nodes if n.target in (torch.ops.llmq.rms_norm.default, torch.ops.llmq.group_query_attention.default)]
+    if format == "qdq" and fused:
+        raise ExportError(
+            f"the graph has fused ops (node {fused[0]}) that only the 'fast' format writes (onnxruntime contrib ops); "
+            "build the decoder with quantized_decoder(..., fuse=False) for the standard-ops 'qdq' format"
+        )
     if opset < _MIN_OPSET:
         raise ExportError(f"opset {opset} is too old for INT4 QuantizeLinear/DequantizeLinear; use {_MIN_OPSET} or newer")
     try:
@@ -217,11 +225,15 @@ def _export_ir(gm: fx.GraphModule, opset: int, example_input_ids: torch.Tensor |
     _resolve_kernel_inputs(program.model.graph)
     transposed = _fold_weight_transposes(program.model.graph)
     logger.debug("float weights stored transposed for MatMul: %d", transposed)
-    program.optimize()
-    for node in program.model.graph.all_nodes():
-        # Python stack traces of the export call: local paths, and most of a small model's file size.
-        node.metadata_props.pop("pkg.torch.onnx.stack_trace", None)
-    return program.model
+    # Folds constants up to 64k elements: tables the graph computes from its parameters (RoPE's
+    # cos/sin of every position, 2 MiB for SmolLM2) stay computed, and onnxruntime folds them at load.
+    model = onnxscript.optimizer.optimize(program.model, output_size_limit=_FOLD_LIMIT)
+    for node in model.graph.all_nodes():
+        # The exporter's per-node records (stack traces, class hierarchies, fx node text, name scopes):
+        # local paths, and 3 MiB of SmolLM2's file.
+        for key in [k for k in node.metadata_props if k.startswith("pkg.torch.onnx.") or k == "namespace"]:
+            del node.metadata_props[key]
+    return model
 
 
 def _failing_op(err: BaseException, gm: fx.GraphModule) -> str:

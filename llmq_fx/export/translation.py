@@ -201,10 +201,32 @@ TRANSLATION_TABLE = {
 }
 """``custom_translation_table`` for ``torch.onnx.export``: llmq custom op -> ONNX function (standard QDQ)."""
 
+def rms_norm_fast(x, weight, eps: float):
+    """``llmq.rms_norm`` as onnxruntime's ``SimplifiedLayerNormalization`` (float32 statistics)."""
+    from llmq_fx.export.contrib import SimplifiedLayerNormalization
+
+    return SimplifiedLayerNormalization(x, weight, axis=-1, epsilon=float(eps), stash_type=1)
+
+
+def group_query_attention_fast(query, key, value, past_key, past_value, seqlens_k, total_length, cos_cache,
+                               sin_cache, position_ids, num_heads: int, kv_heads: int, scale: float):
+    """``llmq.group_query_attention`` as ``com.microsoft.GroupQueryAttention`` (``do_rotary`` with caches)."""
+    from llmq_fx.export.contrib import GroupQueryAttention
+
+    if cos_cache is None:
+        return GroupQueryAttention(query, key, value, past_key, past_value, seqlens_k, total_length,
+                                   num_heads=num_heads, kv_num_heads=kv_heads, scale=float(scale))
+    return GroupQueryAttention(query, key, value, past_key, past_value, seqlens_k, total_length, cos_cache, sin_cache,
+                               position_ids, num_heads=num_heads, kv_num_heads=kv_heads, scale=float(scale),
+                               do_rotary=1, rotary_interleaved=0)
+
+
 FAST_TRANSLATION_TABLE = {
     torch.ops.llmq.quantize_dequantize.default: quantize_dequantize_fast,
     torch.ops.llmq.quantize_dequantize_dynamic.default: quantize_dequantize_dynamic_fast,
     torch.ops.llmq.dequantize_weight.default: dequantize_weight_onnx,  # then rewritten to MatMulNBits
+    torch.ops.llmq.rms_norm.default: rms_norm_fast,
+    torch.ops.llmq.group_query_attention.default: group_query_attention_fast,
 }
 """The ``fast`` format: activations fake-quantized in float ops; weights as in ``TRANSLATION_TABLE``,
 which ``onnx_export`` then rewrites with the MatMul reading them into ``com.microsoft.MatMulNBits``."""
