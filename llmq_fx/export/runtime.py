@@ -8,6 +8,7 @@ DequantizeLinear nodes, their integer element types, and INT4 weight initializer
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections import Counter
@@ -59,8 +60,21 @@ class OnnxCausalLM:
         inputs = self.session.get_inputs()
         self.input_name = inputs[0].name
         self.output_name = "logits" if any(o.name == "logits" for o in self.session.get_outputs()) else self.session.get_outputs()[0].name
-        # KV-cache inputs: name -> [kv_heads, head_size] (the static dims of [batch, kv_heads, past, head_size])
-        self.past = {i.name: (i.shape[1], i.shape[3]) for i in inputs if i.name.startswith("past_key_values.")}
+        # KV-cache inputs: name -> [kv_heads, head_size] (the static dims of [batch, kv_heads, past, head_size]);
+        # a dim the file leaves symbolic (onnxruntime-genai's builder names the head size) comes from
+        # genai_config.json beside it.
+        decoder = {}
+        config = self.path.parent / "genai_config.json"
+        if config.is_file():
+            decoder = json.loads(config.read_text()).get("model", {}).get("decoder", {})
+        fallback = {1: decoder.get("num_key_value_heads"), 3: decoder.get("head_size")}
+        self.past = {}
+        for i in inputs:
+            if i.name.startswith("past_key_values."):
+                dims = [i.shape[d] if isinstance(i.shape[d], int) else fallback[d] for d in (1, 3)]
+                if None in dims:
+                    raise ValueError(f"{self.path}: input {i.name} has symbolic dims {i.shape} and no genai_config.json gives them")
+                self.past[i.name] = tuple(dims)
         self.has_mask = any(i.name == "attention_mask" for i in inputs)
         self.has_positions = any(i.name == "position_ids" for i in inputs)
 
