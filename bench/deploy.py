@@ -399,6 +399,11 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     report["complete"] = True
     save()
+    if args.out == BENCH / "results" / "deploy" and not any("error" in r for r in report["rows"]):
+        from readme import splice_readme  # bench/readme.py: the README's deployment table comes from this JSON
+
+        splice_readme(deploy=report)
+        _progress("README.md deployment block rewritten from the JSON")
     print(md_path.read_text())
     return 1 if any("error" in r for r in report["rows"]) else 0
 

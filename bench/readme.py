@@ -1,7 +1,7 @@
-"""The README's results table, generated from ``bench/results/quality.json`` (never typed by hand).
+"""The README's results tables, generated from ``bench/results/quality.json`` and ``deploy.json`` (never typed).
 
-    python bench/readme.py            # rewrite the block between <!-- readme-results:begin/end --> in README.md
-    python bench/readme.py --check    # exit 1 if README.md's block differs from what the JSON gives
+    python bench/readme.py            # rewrite the blocks between <!-- readme-results:... --> and <!-- readme-deploy:... -->
+    python bench/readme.py --check    # exit 1 if README.md's blocks differ from what the JSON gives
 
 ``bench/quality.py`` calls ``splice_readme`` itself after a complete run written to its default
 output. ``tests/test_bench_quality.py`` checks that the committed README block is what the committed
@@ -19,8 +19,10 @@ __all__ = ["readme_block", "splice_readme", "QUALITY_JSON", "README"]
 
 ROOT = Path(__file__).resolve().parents[1]
 QUALITY_JSON = ROOT / "bench" / "results" / "quality.json"
+DEPLOY_JSON = ROOT / "bench" / "results" / "deploy.json"
 README = ROOT / "README.md"
 BEGIN, END = "<!-- readme-results:begin -->", "<!-- readme-results:end -->"
+DEPLOY_BEGIN, DEPLOY_END = "<!-- readme-deploy:begin -->", "<!-- readme-deploy:end -->"
 
 # (column heading, method row of the JSON); "ours" is the project default.
 _COLUMNS = (("W4A16 RTN", "W4A16"), ("RTN W4A4", "RTN"), ("SmoothQuant W4A4", "SmoothQuant"), ("RPTQ-style W4A4", "RPTQ-style"))
@@ -70,37 +72,81 @@ def readme_block(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def splice_readme(report: dict, readme: Path = README) -> None:
-    """Replace the block between the README markers with ``readme_block(report)``."""
-    text = readme.read_text()
-    i, j = text.find(BEGIN), text.find(END)
+_DEPLOY_ROWS = {"float": "float32", "ort-matmulnbits": "onnxruntime `MatMulNBitsQuantizer` W4",
+                "genai-builder-int4": "onnxruntime-genai builder int4", "ours-w4a4": "**ours W4A4**",
+                "ours-w4a4-acc4": "ours W4A4, accuracy level 4", "ours-w4a16": "ours W4A16 (weight-only)"}
+
+
+def deploy_block(report: dict) -> str:
+    """The README's deployment table: size, prefill, decode and onnxruntime perplexity per row, ratios to float."""
+    s = report["setup"]
+    lines = [
+        f"Measured with `{report['command'].strip()}` on {report['date'][:10]} ({report['machine']['cpu_count']} CPU cores, "
+        f"{s['threads']} onnxruntime threads for every row; prefill = {s['prompt_tokens']} prompt tokens, decode = "
+        f"{s['new_tokens']} new tokens after them, medians of {s['runs']} runs; perplexity on {s['eval_windows']} x "
+        f"{s['seq_len']} `eval` tokens; every folder loaded and run by onnxruntime-genai; the full table, with RSS, "
+        "load and op counts, is in `bench/RESULTS.md`). Written by `python bench/readme.py` from `bench/results/deploy.json`:",
+        "",
+        "| model | row | MiB (x float) | prefill ms (x float) | decode tok/s (x float) | ORT ppl (PyTorch) |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for model in report["models"]:
+        rows = [r for r in report["rows"] if r["model"] == model]
+        base = next((r for r in rows if r["row"] == "float" and "mib" in r), None)
+        for r in rows:
+            if "mib" not in r or base is None:
+                continue
+
+            def cell(key, fmt):
+                return f"{r[key]:{fmt}} ({r[key] / base[key]:.2f}x)"
+
+            torch_ppl = f" ({r['ppl_torch']:.3f})" if r.get("ppl_torch") and r["row"] != "float" else ""
+            lines.append(f"| {_NAMES.get(model, model)} | {_DEPLOY_ROWS.get(r['row'], r['row'])} | {cell('mib', '.1f')} | "
+                         f"{cell('prefill_ms', '.0f')} | {cell('decode_tokens_per_s', '.1f')} | {r['ppl']:.3f}{torch_ppl} |")
+    return "\n".join(lines) + "\n"
+
+
+def _splice(text: str, begin: str, end: str, block: str, readme: Path) -> str:
+    i, j = text.find(begin), text.find(end)
     if i == -1 or j < i:
-        raise ValueError(f"{readme} has no {BEGIN} ... {END} block")
-    new = text[: i + len(BEGIN)] + "\n" + readme_block(report) + text[j:]
+        raise ValueError(f"{readme} has no {begin} ... {end} block")
+    return text[: i + len(begin)] + "\n" + block + text[j:]
+
+
+def splice_readme(report: dict | None = None, readme: Path = README, deploy: dict | None = None) -> None:
+    """Replace the README blocks with ``readme_block(report)`` and ``deploy_block(deploy)`` (either may be None)."""
+    text = readme.read_text()
+    if report is not None:
+        text = _splice(text, BEGIN, END, readme_block(report), readme)
+    if deploy is not None:
+        text = _splice(text, DEPLOY_BEGIN, DEPLOY_END, deploy_block(deploy), readme)
     tmp = readme.with_name(f".{readme.name}.tmp")
-    tmp.write_text(new)
+    tmp.write_text(text)
     tmp.replace(readme)
 
 
-def current_block(readme: Path = README) -> str:
+def current_block(readme: Path = README, begin: str = BEGIN, end: str = END) -> str:
     text = readme.read_text()
-    i, j = text.find(BEGIN), text.find(END)
-    return text[i + len(BEGIN) + 1: j] if i != -1 and j > i else ""
+    i, j = text.find(begin), text.find(end)
+    return text[i + len(begin) + 1: j] if i != -1 and j > i else ""
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", type=Path, default=QUALITY_JSON)
+    p.add_argument("--deploy-json", type=Path, default=DEPLOY_JSON)
     p.add_argument("--readme", type=Path, default=README)
     p.add_argument("--check", action="store_true", help="only compare; exit 1 when the README block is stale")
     args = p.parse_args(argv)
     report = json.loads(args.json.read_text())
+    deploy = json.loads(args.deploy_json.read_text()) if args.deploy_json.is_file() else None
     if args.check:
-        same = current_block(args.readme) == readme_block(report)
-        print("README results block is up to date" if same else "README results block differs from the JSON")
+        same = current_block(args.readme) == readme_block(report) and (
+            deploy is None or current_block(args.readme, DEPLOY_BEGIN, DEPLOY_END) == deploy_block(deploy))
+        print("README result blocks are up to date" if same else "README result blocks differ from the JSON")
         return 0 if same else 1
-    splice_readme(report, args.readme)
-    print(f"wrote the results block of {args.readme}")
+    splice_readme(report, args.readme, deploy)
+    print(f"wrote the result blocks of {args.readme}")
     return 0
 
 

@@ -97,3 +97,15 @@ def test_readme_results_table_is_generated_from_the_bench_json():
     assert block == readme.readme_block(report), "README.md results block is stale: run python bench/readme.py"
     ours = next(r for r in report["rows"] if r["model"] == "opt-mini" and r["method"] == "ours")
     assert f"**{ours['ppl_torch']:.2f}**" in block
+
+
+def test_readme_deployment_table_is_generated_from_the_deploy_json():
+    path = Path(__file__).resolve().parents[1] / "bench" / "readme.py"
+    spec = importlib.util.spec_from_file_location("bench_readme", path)
+    readme = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(readme)
+    report = json.loads(readme.DEPLOY_JSON.read_text())
+    block = readme.current_block(begin=readme.DEPLOY_BEGIN, end=readme.DEPLOY_END)
+    assert block == readme.deploy_block(report), "README.md deployment block is stale: run python bench/readme.py"
+    ours = next(r for r in report["rows"] if r["row"] == "ours-w4a4" and "mib" in r)
+    assert f"{ours['decode_tokens_per_s']:.1f}" in block
