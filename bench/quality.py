@@ -188,8 +188,15 @@ def config_short(cfg: dict | None) -> str:
     s = "no smoothing" if cfg.get("smooth_alpha") is None or not cfg.get("smooth_sites") else (
         f"smooth alpha {cfg['smooth_alpha']} at {'/'.join(cfg['smooth_sites'])}")
     rotation = {True: ["Hadamard rotation"], "auto": ["Hadamard rotation (where the graph allows)"]}.get(cfg.get("rotate"), [])
-    parts = [w, a, s] + rotation
-    return "; ".join(parts) + f"; float: {', '.join(cfg.get('skip') or []) or 'none'}"
+    tables = []
+    if cfg.get("embed_bits"):
+        tables.append(f"embedding W{cfg['embed_bits']} groups of {cfg.get('embed_group_size')}")
+    if cfg.get("lm_head_bits"):
+        tables.append(f"lm_head W{cfg['lm_head_bits']} groups of {cfg.get('lm_head_group_size')}"
+                      + (" (A8 input)" if cfg["lm_head_bits"] == 8 else " (float input)"))
+    parts = [w, a, s] + rotation + tables
+    floats = [p for p in (cfg.get("skip") or []) if not (p == "lm_head" and cfg.get("lm_head_bits"))]
+    return "; ".join(parts) + f"; float: {', '.join(floats) or 'none'}"
 
 
 # -- measuring ---------------------------------------------------------------------------------

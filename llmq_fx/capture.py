@@ -32,8 +32,9 @@ __all__ = ["trace", "trace_decoder", "DecoderSpec"]
 logger = logging.getLogger(__name__)
 
 
-class _LogitsOnly(nn.Module):
-    """``forward(input_ids) -> logits``, exposing the wrapped model's children as its own."""
+class _Adopting(nn.Module):
+    """A wrapper exposing the wrapped model's children and parameters as its own, so that the captured
+    graph's parameter names and module paths are the model's (``model.layers.3.self_attn.q_proj``)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -42,6 +43,10 @@ class _LogitsOnly(nn.Module):
         for name, p in model.named_parameters(recurse=False):
             self.register_parameter(name, p)
         object.__setattr__(self, "_hf", model)
+
+
+class _LogitsOnly(_Adopting):
+    """``forward(input_ids) -> logits``."""
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if hasattr(self._hf, "config"):  # Hugging Face model: no KV cache in the captured graph
@@ -164,7 +169,7 @@ class DecoderSpec:
         )
 
 
-class _DecoderWithPast(nn.Module):
+class _DecoderWithPast(_Adopting):
     """``forward(input_ids, attention_mask, position_ids, past) -> (logits, *present)``.
 
     ``past`` is a flat list ``[key_0, value_0, key_1, ...]`` of ``[batch, kv_heads, past_len, head_size]``
@@ -173,12 +178,7 @@ class _DecoderWithPast(nn.Module):
     """
 
     def __init__(self, model: nn.Module, spec: DecoderSpec):
-        super().__init__()
-        for name, child in model.named_children():
-            self.add_module(name, child)
-        for name, p in model.named_parameters(recurse=False):
-            self.register_parameter(name, p)
-        object.__setattr__(self, "_hf", model)
+        super().__init__(model)
         self.num_layers = spec.num_layers
 
     def forward(self, input_ids, attention_mask, position_ids, past):

@@ -86,12 +86,17 @@ def test_main_writes_json_md_and_results_section(tmp_path):
     assert "### opt-tiny-random" in results.read_text() and "not run" in out.with_name("quality.md").read_text()
 
 
-def test_readme_results_table_is_generated_from_the_bench_json():
-    """The README's figures are bench/readme.py's output for the committed quality.json, not typed."""
+def _bench_readme():
     path = Path(__file__).resolve().parents[1] / "bench" / "readme.py"
     spec = importlib.util.spec_from_file_location("bench_readme", path)
     readme = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(readme)
+    return readme
+
+
+def test_readme_results_table_is_generated_from_the_bench_json():
+    """The README's figures are bench/readme.py's output for the committed quality.json, not typed."""
+    readme = _bench_readme()
     report = json.loads(readme.QUALITY_JSON.read_text())
     block = readme.current_block()
     assert block == readme.readme_block(report), "README.md results block is stale: run python bench/readme.py"
@@ -100,10 +105,7 @@ def test_readme_results_table_is_generated_from_the_bench_json():
 
 
 def test_readme_deployment_table_is_generated_from_the_deploy_json():
-    path = Path(__file__).resolve().parents[1] / "bench" / "readme.py"
-    spec = importlib.util.spec_from_file_location("bench_readme", path)
-    readme = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(readme)
+    readme = _bench_readme()
     report = json.loads(readme.DEPLOY_JSON.read_text())
     block = readme.current_block(begin=readme.DEPLOY_BEGIN, end=readme.DEPLOY_END)
     assert block == readme.deploy_block(report), "README.md deployment block is stale: run python bench/readme.py"

@@ -191,3 +191,4 @@ def test_attention_with_a_head_size_onnxruntime_refuses_stays_unfused(calib):
     targets = [n.target for n in dgm.graph.nodes]
     assert torch.ops.llmq.group_query_attention.default not in targets
     assert torch.ops.aten.scaled_dot_product_attention.default in targets and torch.ops.llmq.rms_norm.default in targets
+

@@ -90,11 +90,14 @@ def quantized_decoder(qgm: fx.GraphModule, model: nn.Module, check: bool = True,
     return dgm
 
 
-def check_decoder(qgm: fx.GraphModule, dgm: fx.GraphModule, tokens: int = 8, atol: float = 1e-3) -> float:
-    """Max abs difference of the logits of ``dgm`` on an empty cache and of ``qgm``, on ``tokens`` tokens.
+def check_decoder(qgm: fx.GraphModule, dgm: fx.GraphModule, tokens: int = 8) -> dict:
+    """Compare the logits of ``dgm`` on an empty cache with ``qgm``'s, on ``tokens`` tokens.
 
-    Raises ``ExportError`` when it exceeds ``atol`` (a rounding flip in a 4-bit activation can move a
-    logit by a quantization step; random test weights stay far below that on 8 tokens)."""
+    Both graphs compute the same thing, but not in the same float order (fused norm and attention):
+    a rounding that lands on the other side of a 4-bit step moves a logit by a quantization step, so
+    the check is not bitwise. A decoder that moved the quantization wrongly (a weight, a scale, a
+    rotation) is far off on every token. Raises ``ExportError`` when the largest difference passes 5%
+    of the largest logit or fewer than 3 of 4 tokens keep their top-1. Returns both measures."""
     from llmq_fx.capture import DecoderSpec
 
     spec = DecoderSpec(**dgm.meta["llmq_fx"]["decoder"])
@@ -104,10 +107,14 @@ def check_decoder(qgm: fx.GraphModule, dgm: fx.GraphModule, tokens: int = 8, ato
     with torch.no_grad():
         ref = qgm(ids)
         out = dgm(ids, torch.ones_like(ids), torch.arange(tokens, device=device)[None], empty)[0]
-    diff = float((out - ref).abs().max())
-    if not diff <= atol:
-        raise ExportError(f"the KV-cache decoder does not compute the quantized graph's logits (max difference {diff:.3g})")
-    return diff
+    relative = float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+    agree = float((out.argmax(-1) == ref.argmax(-1)).float().mean())
+    if not (relative <= 0.05 and agree >= 0.75):
+        raise ExportError(
+            f"the KV-cache decoder does not compute the quantized graph's logits (largest difference {relative:.1%} "
+            f"of the largest logit, top-1 agreement {agree:.0%} on {tokens} tokens)"
+        )
+    return {"relative_difference": relative, "top1_agreement": agree}
 
 
 def _own_tensors(gm: fx.GraphModule) -> None:
