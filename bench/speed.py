@@ -248,7 +248,8 @@ def markdown(data: dict) -> str:
         lines.append("| calibration tokens (N x T, batch) | " + " | ".join(
             f"{e['calib']['samples']} x {e['calib']['seq_len']}, batch {e['calib']['batch_size']}" for e in entries.values()) + " |")
         lines.append("| config: QuantConfig() with | " + " | ".join(
-            f"`{json.dumps(e['config_overrides'])}`" if e.get("config_overrides") else "defaults" for e in entries.values()) + " |")
+            f"peer: {e['peer']}" if e.get("peer") else f"`{json.dumps(e['config_overrides'])}`" if e.get("config_overrides") else "defaults"
+            for e in entries.values()) + " |")
         lines.append("| model (parameters) | " + " | ".join(f"{e['model']} ({e['parameters'] / 1e6:.0f} M, {e['dtype']})" for e in entries.values()) + " |")
         lines += ["", "| stage | " + " | ".join(f"{n} s | " + " | ".join(m for _, m in mems) for n in entries) + " |",
                   "|---|" + "---:|" * (len(entries) * (1 + len(mems)))]
@@ -310,6 +311,7 @@ def run_one(name: str, args, device: torch.device, save) -> None:
     entry["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     entry["attention"] = getattr(model.config, "_attn_implementation", None)
     config = llmq_fx.QuantConfig.from_dict({**json.loads(args.config), "calib_batch_size": args.batch_size})
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32 or config.calib_precision == "tf32"  # the floor in the same precision
     entry["config"] = config.to_dict()
     entry["config_overrides"] = json.loads(args.config)
     entry["calib"] = {"samples": int(calib.shape[0]), "seq_len": int(calib.shape[1]), "tokens": int(calib.numel()),
@@ -377,6 +379,60 @@ def run_one(name: str, args, device: torch.device, save) -> None:
         torch.cuda.empty_cache()
 
 
+def run_peer(name: str, args, device: torch.device, save) -> None:
+    """llm-compressor's ``GPTQModifier`` (its sequential pipeline, W4 symmetric per output channel, lm_head
+    left out) on the same random-init shape and the same calibration ids as ``run_one``: time, floor,
+    peak device memory. Weight-only GPTQ: the baseline ours must not be slower than."""
+    import llmcompressor
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import GPTQModifier
+
+    clock = StageClock(device)
+    entry: dict = {"command": args.command, "machine": machine(device), "device": str(device), "stages": clock.stages,
+                   "peer": f"llm-compressor {llmcompressor.__version__} GPTQModifier (W4 symmetric per channel, sequential pipeline)"}
+    clock.start()
+    model, (n, t) = random_opt(name, device), parse_calib(args.calib)
+    calib = torch.randint(0, model.config.vocab_size, (n, t), generator=torch.Generator().manual_seed(0))
+    clock.lap("load")
+    entry["model"] = f"random-init {name} shape"
+    entry["parameters"] = sum(p.numel() for p in model.parameters())
+    entry["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    entry["calib"] = {"samples": n, "seq_len": t, "tokens": n * t, "batch_size": args.batch_size, "source": "random token ids"}
+    float_forward(model, calib[: args.batch_size, :128], args.batch_size, device)  # warm-up, untimed
+    clock.start()
+    float_forward(model, calib, args.batch_size, device)
+    clock.lap("floor")
+    dataset = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
+    recipe = GPTQModifier(
+        config_groups={"group_0": {"targets": ["Linear"], "weights": {
+            "num_bits": 4, "type": "int", "symmetric": True, "strategy": "channel"}}},
+        ignore=["lm_head"],
+    )
+    clock.start()
+    # The ids are already tokens; llm-compressor still asks for a processor: OPT's tokenizer (opt-mini's copy).
+    from transformers import AutoTokenizer
+
+    processor = AutoTokenizer.from_pretrained(Path(llmq_fx.__file__).parent / "assets" / "opt-mini")
+    # and it reads the model's config back from disk (model.config.name_or_path): give it one.
+    config_dir = tempfile.mkdtemp(prefix="llmq_peer_")
+    model.config.save_pretrained(config_dir)
+    model.config._name_or_path = config_dir
+    oneshot(model=model, processor=processor, dataset=dataset, recipe=recipe, max_seq_length=t, num_calibration_samples=n,
+            batch_size=args.batch_size)
+    clock.lap("gptq")
+    st = clock.stages
+    entry["summary"] = {"floor_s": st["floor"]["seconds"], "pipeline_s": st["gptq"]["seconds"],
+                        "ratio": st["gptq"]["seconds"] / st["floor"]["seconds"],
+                        "peak_mib": max(s.get("peak_gpu_mib" if device.type == "cuda" else "peak_rss_mib", 0) for s in st.values())}
+    entry["complete"] = True
+    save(name + " llm-compressor", entry)
+    del model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="*", default=[], help="built-in models (opt-mini, smollm2-135m, ...)")
@@ -389,7 +445,9 @@ def main() -> None:
     p.add_argument("--no-export", action="store_true", help="skip the ONNX export and the onnxruntime latency")
     p.add_argument("--latency-runs", type=int, default=10)
     p.add_argument("--config", default="{}", help='QuantConfig() overrides as JSON, e.g. \'{"gptq": false}\' (with --tag)')
-    p.add_argument("--tf32", action="store_true", help="CUDA: allow TF32 matrix products (default: full float32)")
+    p.add_argument("--tf32", action="store_true", help="CUDA: allow TF32 matrix products in the floor too (the pipeline follows "
+                   "the config's calib_precision)")
+    p.add_argument("--peer", action="store_true", help="--shapes: also run llm-compressor's GPTQModifier on the same shape and tokens")
     p.add_argument("--tag", help="appended to every entry name, e.g. tf32")
     p.add_argument("--json", type=Path, default=RESULTS / "speed.json")
     p.add_argument("--merge", type=Path, nargs="*", default=[], help="speed JSON files from other machines to fold into --json")
@@ -411,6 +469,9 @@ def main() -> None:
     suffix = f" ({args.tag})" if args.tag else ""
     for name in list(args.models) + list(args.shapes):
         run_one(name, args, device, lambda n, e: save_entry(args.json, section, n + suffix, e))
+        if args.peer and name in SHAPES:
+            torch.backends.cuda.matmul.allow_tf32 = args.tf32
+            run_peer(name, args, device, lambda n, e: save_entry(args.json, section, n + suffix, e))
     print(args.json.with_suffix(".md").read_text())
 
 

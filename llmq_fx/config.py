@@ -20,6 +20,7 @@ __all__ = ["QuantConfig", "SITE_ROLES"]
 SITE_ROLES = ("qkv", "out_proj", "fc1", "fc2", "other")
 _SMOOTHABLE = ("qkv", "fc1", "fc2", "out_proj")
 _FEATURES = ("minmax", "maxstd")
+CALIB_PRECISIONS = ("float32", "tf32")
 
 
 @dataclass
@@ -79,6 +80,10 @@ class QuantConfig:
         skip: module-path patterns (fnmatch) of Linears left entirely in float.
         seed / kmeans_n_init: k-means determinism.
         calib_batch_size: sequences per calibration forward.
+        calib_precision: matrix products of the calibration forwards and statistics on CUDA:
+            "float32", or "tf32" (TensorFloat-32 inputs, float32 accumulation). GPTQ's own math
+            (Cholesky, column loop, act-aware target) stays float32 either way. On the CPU there
+            is no TF32 and both compute in float32.
     """
 
     w_bits: int | None = 4
@@ -111,6 +116,7 @@ class QuantConfig:
     seed: int = 0
     kmeans_n_init: int = 4
     calib_batch_size: int = 4
+    calib_precision: str = "tf32"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -170,6 +176,8 @@ class QuantConfig:
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"config key {key!r} must be a positive integer, got {v!r}")
+        if self.calib_precision not in CALIB_PRECISIONS:
+            raise ConfigError(f"config key 'calib_precision' must be one of {list(CALIB_PRECISIONS)}, got {self.calib_precision!r}")
         if self.a_outlier_bits is not None and self.a_bits is None:
             raise ConfigError("config key 'a_outlier_bits' needs quantized activations; 'a_bits' is null")
         if self.a_outlier_bits is not None and self.a_dynamic:

@@ -12,10 +12,12 @@ is used on purpose: it is what onnxruntime does, and a reciprocal changes roundi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
 
+from llmq_fx import gptq_kernel
 from llmq_fx.errors import StatisticsError
 
 __all__ = [
@@ -30,10 +32,24 @@ __all__ = [
     "dequantize_weight",
     "gptq_quantize_weight",
     "input_aware_weight",
+    "activation_error",
     "SCALE_EPS",
 ]
 
 logger = logging.getLogger(__name__)
+
+@contextlib.contextmanager
+def cuda_matmul_precision(precision: str):
+    """Matrix products on CUDA in ``precision`` ("float32" or "tf32") inside the block; restored after.
+    CPU products are float32 either way (TF32 is a CUDA mode)."""
+    matmul = torch.backends.cuda.matmul
+    before = matmul.allow_tf32
+    matmul.allow_tf32 = precision == "tf32"
+    try:
+        yield
+    finally:
+        matmul.allow_tf32 = before
+
 
 # Smallest scale: a channel that never moved from zero still gets a finite, positive scale.
 SCALE_EPS = 1e-8
@@ -249,7 +265,8 @@ def gptq_quantize_weight(
       columns are visited out of order.
     * ``clip``: every scale comes from ``weight_scale``'s clipping search instead of the plain absmax.
 
-    All math is float32 on ``weight``'s device (CUDA when the model is on CUDA).
+    All math is float32 on ``weight``'s device (CUDA when the model is on CUDA). On CUDA, with Triton
+    importable and static scales, each block's column loop runs as one kernel (``gptq_kernel``).
 
     Returns:
         ``(qweight, scale)`` in ``quantize_weight``'s layout: int8 ``[out, in]`` codes, float32 scale
@@ -266,6 +283,12 @@ def gptq_quantize_weight(
         raise ValueError(f"group size {group_size} does not divide in_features={in_features}")
     if block_size < 1:
         raise ValueError(f"block size must be positive, got {block_size}")
+    with cuda_matmul_precision("float32"):
+        return _gptq(weight, hessian, bits, group_size, act_order, damp, block_size, clip)
+
+
+def _gptq(weight, hessian, bits, group_size, act_order, damp, block_size, clip):
+    out_features, in_features = weight.shape
     qmin, qmax = integer_range(bits, symmetric=True)
     w = weight.detach().to(torch.float32).clone()
     h = hessian.detach().to(device=w.device, dtype=torch.float32).clone()
@@ -294,11 +317,19 @@ def gptq_quantize_weight(
 
     u = _upper_cholesky_of_inverse(h, damp)
     codes = torch.empty_like(w)
+    one_launch = static_scale and gptq_kernel.available(w)  # the loop below as one Triton kernel per block
     for i1 in range(0, in_features, block_size):
         i2 = min(i1 + block_size, in_features)
         w1 = w[:, i1:i2].clone()
         err1 = torch.empty_like(w1)
         u1 = u[i1:i2, i1:i2]
+        if one_launch and not (i2 - i1) & (i2 - i1 - 1):
+            block_codes = torch.empty_like(w1)
+            block_scale = scale if group_size is None else column_scale[:, i1:i2]
+            gptq_kernel.gptq_block(w1, u1.contiguous(), block_scale, qmin, qmax, block_codes, err1)
+            codes[:, i1:i2] = block_codes
+            w[:, i2:] -= err1 @ u[i1:i2, i2:]
+            continue
         for i in range(i2 - i1):
             j = i1 + i
             if group_size is None:
@@ -321,6 +352,32 @@ def gptq_quantize_weight(
     if act_order:
         codes = codes[:, torch.argsort(perm)]
     return codes.to(torch.int8), scale
+
+
+def activation_error(weight: torch.Tensor, xs: list[torch.Tensor], quantizers: list, gram: bool | None = None) -> list[torch.Tensor]:
+    """``sum_x ||(Q(x) - x) W^T||^2`` for each activation quantizer ``Q`` (a callable on ``[tokens, C]``),
+    over the batches ``xs``: the output error a Linear of weight ``W`` (``[O, C]``) gets from ``Q``.
+
+    With ``D = Q(x) - x`` it equals ``sum_ij (D^T D)_ij (W^T W)_ij``. ``gram`` (default: when
+    ``O > C``, e.g. q/k/v together, fc1, gate/up) takes that form: the ``[C, C]`` Gram matrix of ``D``
+    costs ``C / O`` of the ``[tokens, O]`` product. Returns float64 scalars."""
+    outputs, channels = weight.shape
+    w = weight.detach().float()
+    if gram is None:
+        gram = outputs > channels
+    wtw = w.T @ w if gram else None
+    errors = []
+    for quantize in quantizers:
+        acc = torch.zeros(channels, channels, device=w.device) if gram else torch.zeros((), dtype=torch.float64, device=w.device)
+        for x in xs:
+            flat = x.reshape(-1, channels).float()
+            d = quantize(flat) - flat
+            if gram:
+                acc.addmm_(d.T, d)
+            else:
+                acc += (d @ w.T).square().sum().double()
+        errors.append((acc * wtw).sum().double() if gram else acc)
+    return errors
 
 
 def input_aware_weight(

@@ -15,6 +15,7 @@ import torch
 from torch import fx
 from tqdm.auto import tqdm
 
+from llmq_fx import qmath
 from llmq_fx.calibrate import calibration_batches
 from llmq_fx.config import QuantConfig
 from llmq_fx.passes.base import CalibratedPass
@@ -60,14 +61,15 @@ def quantize(
     _note_act_aware(config, meta)
     timings = meta.setdefault("timings_s", {})
     bar = tqdm(passes, desc="llmq_fx", unit="stage", disable=not progress)
-    for p in bar:
-        bar.set_postfix_str(p.stage)
-        if isinstance(p, CalibratedPass):
-            p = p.with_calibration(batches, progress)
-        t0 = time.perf_counter()
-        qgm = p(qgm).graph_module
-        timings[p.stage] = time.perf_counter() - t0
-        logger.info("stage %s: %.2f s", p.stage, timings[p.stage])
+    with qmath.cuda_matmul_precision(config.calib_precision):
+        for p in bar:
+            bar.set_postfix_str(p.stage)
+            if isinstance(p, CalibratedPass):
+                p = p.with_calibration(batches, progress)
+            t0 = time.perf_counter()
+            qgm = p(qgm).graph_module
+            timings[p.stage] = time.perf_counter() - t0
+            logger.info("stage %s: %.2f s", p.stage, timings[p.stage])
     return qgm
 
 

@@ -165,3 +165,20 @@ def test_clip_search_picks_the_ratio_of_least_output_error(opt_gm, calib):
         errors[r] = float(((q.reshape(x.shape) - x) @ w.T).square().sum())
     assert first.record.activation.clip_ratio == min(errors, key=errors.get)
     assert len(set(errors.values())) == 3
+
+
+@pytest.mark.parametrize("outputs", [48, 8])
+def test_activation_error_gram_form_equals_the_direct_product(outputs):
+    from llmq_fx import qmath
+    from llmq_fx.spec import ActivationSpec
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(outputs, 16, generator=g)
+    xs = [torch.randn(2, 20, 16, generator=g) * 3 for _ in range(3)]
+    quantizers = [ActivationSpec(4, dynamic=True, clip_ratio=r) for r in (0.8, 1.0)]
+    direct = qmath.activation_error(w, xs, quantizers, gram=False)
+    gram = qmath.activation_error(w, xs, quantizers, gram=True)
+    reference = [sum(((q(x) - x) @ w.T).square().sum().double() for x in xs) for q in quantizers]
+    for a, b, r in zip(direct, gram, reference):
+        assert float(a) == pytest.approx(float(r), rel=1e-6)
+        assert float(b) == pytest.approx(float(r), rel=1e-4)

@@ -39,6 +39,7 @@ import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
+from llmq_fx import qmath
 from llmq_fx.calibrate import check_statistics
 from llmq_fx.errors import ConfigError
 from llmq_fx.graph import attr, is_skipped, module_path
@@ -146,15 +147,8 @@ class SequentialGPTQPass(CalibratedPass, GPTQPass):
 
     def _search_clip(self, gm, linears, quant: ActivationSpec, xs: list[torch.Tensor]) -> ActivationSpec:
         """``quant`` with the clip ratio among ``clip_search`` minimizing ``sum ||(Q(X~) - X~) W^T||^2``
-        over the site's Linears."""
+        over the site's Linears (``qmath.activation_error``)."""
         weight = torch.cat([attr(gm, c.args[1].target).detach().float() for c in linears])
-        errors = []
-        for ratio in self.options.clip_search:
-            candidate = dataclasses.replace(quant, clip_ratio=ratio)
-            err = torch.zeros((), dtype=torch.float64, device=weight.device)
-            for x in xs:
-                flat = x.reshape(-1, weight.shape[1]).float()
-                err += ((candidate(flat) - flat) @ weight.T).square().sum().double()
-            errors.append(err)
-        best = self.options.clip_search[int(torch.stack(errors).argmin())]
-        return dataclasses.replace(quant, clip_ratio=best)
+        candidates = [dataclasses.replace(quant, clip_ratio=r) for r in self.options.clip_search]
+        errors = qmath.activation_error(weight, xs, candidates)
+        return candidates[int(torch.stack(errors).argmin())]
