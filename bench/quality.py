@@ -118,6 +118,7 @@ RECIPES: dict[str, dict] = {
         "description": "the project default recipe: QuantConfig() as resolved when this run started",
         "citation": "llmq_fx (this repository), llmq_fx/config.py",
         "config": None,  # None: QuantConfig() at run time
+        "seeded": True,  # run once per --seeds value (the rotation's random signs), reported as mean and range
     },
 }
 
@@ -155,6 +156,7 @@ def parse_extra(text: str, recipes: dict[str, dict] = RECIPES) -> tuple[str, dic
         "description": f"{base or 'QuantConfig() defaults'} overridden by {json.dumps(overrides)}",
         "citation": "ad-hoc (--extra)",
         "config": config,
+        "seeded": True,
     }
     resolve_recipe(recipe)  # unknown keys and bad values fail now, not after an hour of other rows
     return name, recipe
@@ -215,9 +217,9 @@ def _finite(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
 
 
-def _ort_ppl(gm, path: Path, tokens: torch.Tensor, seq_len: int, n_windows: int, batch_size: int) -> tuple[dict, int, float, float]:
+def _ort_ppl(gm, path: Path, texts: dict[str, torch.Tensor], seq_len: int, n_windows: int, batch_size: int) -> tuple[dict, int, float, float]:
     """Export ``gm`` to ``path`` (to_onnx exports on the CPU and leaves ``gm`` where it is); onnxruntime
-    perplexity, file bytes, export s, eval s."""
+    perplexity per text, file bytes, export s, eval s."""
     from llmq_fx.evaluate import perplexity
     from llmq_fx.export import OnnxCausalLM, onnx_qdq_report, to_onnx
 
@@ -227,10 +229,20 @@ def _ort_ppl(gm, path: Path, tokens: torch.Tensor, seq_len: int, n_windows: int,
     report = onnx_qdq_report(path)
     t0 = time.perf_counter()
     runner = OnnxCausalLM(path)
-    res = perplexity(runner, tokens, seq_len, n_windows, batch_size)
+    out = {}
+    for name, tokens in texts.items():
+        res = perplexity(runner, tokens, seq_len, n_windows, batch_size)
+        out[name] = {"ppl": res.ppl, "nll": res.nll, "tokens": res.tokens}
     eval_s = time.perf_counter() - t0
     del runner
-    return {"ppl": res.ppl, "nll": res.nll, "tokens": res.tokens, "onnx": report}, report["file_bytes"], export_s, eval_s
+    return {"texts": out, "onnx": report}, report["file_bytes"], export_s, eval_s
+
+
+def _aggregate(values: list[float | None]) -> dict:
+    """Mean and range of one figure over seeds (None when any seed gave no finite value)."""
+    if not values or any(v is None for v in values):
+        return {"mean": None, "min": None, "max": None, "values": values}
+    return {"mean": sum(values) / len(values), "min": min(values), "max": max(values), "values": values}
 
 
 def evaluate_methods(
@@ -247,25 +259,44 @@ def evaluate_methods(
     ort: bool = True,
     fail_fast: bool = False,
     on_row=None,
+    texts: dict[str, torch.Tensor] | None = None,
+    seeds: tuple[int, ...] = (0,),
 ) -> list[dict]:
     """Float row, then one row per method (name -> recipe), all on the same calibration and evaluation tokens.
 
     Args:
         gm: the float graph (``llmq_fx.trace``), on ``device``; never modified.
-        calib: ``[N, T]`` calibration ids; tokens: the 1-D evaluation stream.
-        methods: name -> recipe (``{"description", "citation", "config"}``, config None = QuantConfig()).
+        calib: ``[N, T]`` calibration ids; tokens: the 1-D stream of the primary evaluation text (``eval``).
+        methods: name -> recipe (``{"description", "citation", "config"}``, config None = QuantConfig();
+            ``"seeded": True`` runs it once per seed in ``seeds``).
         on_row: called with the list of rows after every row (to save progress).
+        texts: further evaluation texts, name -> 1-D token stream, scored like ``tokens``.
+        seeds: the ``seed`` values a seeded method runs with; its figures are the mean over them
+            (``*_seeds`` keys hold each seed's value, ``texts[name]`` min/max).
 
     Returns:
-        One dict per row; a failed row carries ``error`` (unless ``fail_fast``, which re-raises).
+        One dict per row; a failed row carries ``error`` (unless ``fail_fast``, which re-raises). The
+        top-level ``ppl_torch``/``ppl_ort``/``ratio_to_float`` are the primary text's; ``texts`` holds
+        every text's figures (the primary one under ``"eval"``).
     """
+    import dataclasses
+
     from llmq_fx.evaluate import perplexity
 
     device = torch.device(device)
+    all_texts = {"eval": tokens, **(texts or {})}
     rows: list[dict] = []
     float_row: dict = {}
 
     def finish(row: dict) -> None:
+        for name, t in row.get("texts", {}).items():
+            ft = float_row.get("texts", {}).get(name, {})
+            if t.get("ppl_torch") is not None and ft.get("ppl_torch"):
+                t["ratio_to_float"] = t["ppl_torch"] / ft["ppl_torch"]
+            if t.get("ppl_ort") is not None and ft.get("ppl_ort"):
+                t["ort_ratio_to_float"] = t["ppl_ort"] / ft["ppl_ort"]
+            if t.get("ppl_torch") is not None and t.get("ppl_ort") is not None:
+                t["ort_vs_torch"] = t["ppl_ort"] / t["ppl_torch"] - 1
         fp, fo = float_row.get("ppl_torch"), float_row.get("ppl_ort")
         p, o = row.get("ppl_torch"), row.get("ppl_ort")
         if p is not None and fp:
@@ -287,33 +318,68 @@ def evaluate_methods(
         row = {"model": model, "method": name, "description": recipe["description"], "citation": recipe["citation"],
                "config": None if config is None else config.to_dict()}
         row["config_short"] = config_short(row["config"])
-        _progress(f"{model} / {name}: {row['config_short']}")
+        run_seeds = list(seeds) if recipe.get("seeded") and config is not None else [None]
+        if run_seeds != [None]:
+            row["seeds"] = run_seeds
+        _progress(f"{model} / {name}: {row['config_short']}" + (f" (seeds {run_seeds})" if run_seeds != [None] else ""))
         qgm = target = None
         try:
-            if config is None:
-                target = gm
-            else:
-                _sync(device)
+            per_seed = []
+            for seed in run_seeds:
+                got: dict = {"texts": {n: {} for n in all_texts}}
+                if config is None:
+                    target = gm
+                else:
+                    cfg = config if seed is None else dataclasses.replace(config, seed=seed)
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    qgm = llmq_fx.quantize(gm, calib.to(device), cfg, progress=False)
+                    _sync(device)
+                    got["quantize_s"] = time.perf_counter() - t0
+                    got["quantize_stages_s"] = dict(qgm.meta["llmq_fx"].get("timings_s", {}))
+                    target = qgm
+                    _progress(f"{model} / {name}{'' if seed is None else f' seed {seed}'}: quantized in {got['quantize_s']:.1f} s")
                 t0 = time.perf_counter()
-                qgm = llmq_fx.quantize(gm, calib.to(device), config, progress=False)
-                _sync(device)
-                row["quantize_s"] = time.perf_counter() - t0
-                row["quantize_stages_s"] = dict(qgm.meta["llmq_fx"].get("timings_s", {}))
-                target = qgm
-                _progress(f"{model} / {name}: quantized in {row['quantize_s']:.1f} s")
-            t0 = time.perf_counter()
-            res = perplexity(target, tokens, seq_len, eval_windows, eval_batch_size)
-            row["eval_torch_s"] = time.perf_counter() - t0
-            row.update(ppl_torch=_finite(res.ppl), ppl_torch_raw=None if math.isfinite(res.ppl) else str(res.ppl),
-                       nll_torch=_finite(res.nll), eval_tokens=res.tokens, eval_windows=res.windows)
-            _progress(f"{model} / {name}: PyTorch ppl {res.ppl:.3f} ({row['eval_torch_s']:.1f} s)")
-            if ort:
-                with tempfile.TemporaryDirectory(prefix="llmq_quality_") as tmp:
-                    out, nbytes, export_s, eval_s = _ort_ppl(target, Path(tmp) / "model.onnx", tokens, seq_len, eval_windows, eval_batch_size)
-                row.update(ppl_ort=_finite(out["ppl"]), ppl_ort_raw=None if math.isfinite(out["ppl"]) else str(out["ppl"]),
-                           nll_ort=_finite(out["nll"]), onnx_bytes=nbytes, export_s=export_s, eval_ort_s=eval_s, onnx=out["onnx"])
-                _progress(f"{model} / {name}: onnxruntime ppl {out['ppl']:.3f}, {nbytes / MIB:.2f} MiB "
-                          f"(export {export_s:.1f} s, eval {eval_s:.1f} s)")
+                for text, toks in all_texts.items():
+                    res = perplexity(target, toks, seq_len, eval_windows, eval_batch_size)
+                    got["texts"][text].update(ppl_torch=_finite(res.ppl), ppl_torch_raw=None if math.isfinite(res.ppl) else str(res.ppl),
+                                              nll_torch=_finite(res.nll), eval_tokens=res.tokens, eval_windows=res.windows)
+                    _progress(f"{model} / {name}{'' if seed is None else f' seed {seed}'}: {text} PyTorch ppl {res.ppl:.3f}")
+                got["eval_torch_s"] = time.perf_counter() - t0
+                if ort:
+                    with tempfile.TemporaryDirectory(prefix="llmq_quality_") as tmp:
+                        out, nbytes, export_s, eval_s = _ort_ppl(target, Path(tmp) / "model.onnx", all_texts, seq_len, eval_windows, eval_batch_size)
+                    for text, r in out["texts"].items():
+                        got["texts"][text].update(ppl_ort=_finite(r["ppl"]), ppl_ort_raw=None if math.isfinite(r["ppl"]) else str(r["ppl"]),
+                                                  nll_ort=_finite(r["nll"]))
+                        _progress(f"{model} / {name}{'' if seed is None else f' seed {seed}'}: {text} onnxruntime ppl {r['ppl']:.3f}")
+                    got.update(onnx_bytes=nbytes, export_s=export_s, eval_ort_s=eval_s, onnx=out["onnx"])
+                per_seed.append(got)
+                qgm = target = None
+                _free(device)
+            first = per_seed[0]
+            for key in ("quantize_s", "quantize_stages_s", "eval_torch_s", "onnx_bytes", "export_s", "eval_ort_s", "onnx"):
+                if key in first:
+                    row[key] = first[key]
+            if len(per_seed) > 1:
+                row["quantize_s_seeds"] = [g.get("quantize_s") for g in per_seed]
+            row["texts"] = {}
+            for text in all_texts:
+                t: dict = {}
+                for key in ("ppl_torch", "nll_torch", "ppl_ort", "nll_ort"):
+                    vals = [g["texts"][text].get(key) for g in per_seed]
+                    if all(key not in g["texts"][text] for g in per_seed):
+                        continue
+                    agg = _aggregate(vals)
+                    t[key] = agg["mean"]
+                    if len(per_seed) > 1:
+                        t[f"{key}_seeds"], t[f"{key}_min"], t[f"{key}_max"] = vals, agg["min"], agg["max"]
+                for key in ("ppl_torch_raw", "ppl_ort_raw", "eval_tokens", "eval_windows"):
+                    vals = [g["texts"][text].get(key) for g in per_seed if g["texts"][text].get(key) is not None]
+                    if vals:
+                        t[key] = vals[0]
+                row["texts"][text] = t
+            row.update({k: v for k, v in row["texts"]["eval"].items()})
             if config is None:
                 float_row = row
         except Exception as err:  # a failed row is a result too; the run goes on to the next one
@@ -342,18 +408,20 @@ def run_model(name: str, methods: dict[str, dict], args, on_row=None) -> tuple[l
     load_s = time.perf_counter() - t0
     calib = calibration_set(tokenize(tokenizer, load_text("calib")), args.calib_samples, args.seq_len)
     tokens = tokenize(tokenizer, load_text("eval"))
+    others = {text: tokenize(tokenizer, load_text(text)) for text in args.texts if text != "eval"}
     t0 = time.perf_counter()
     gm = llmq_fx.trace(model)
     trace_s = time.perf_counter() - t0
     setup = {"model_class": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters()),
              "load_s": load_s, "trace_s": trace_s,
              "calibration": {"text": "calib", "samples": int(calib.shape[0]), "seq_len": int(calib.shape[1]), "tokens": int(calib.numel())},
-             "evaluation": {"text": "eval", "seq_len": args.seq_len, "windows_asked": args.eval_windows, "stream_tokens": int(tokens.numel())}}
+             "evaluation": {"text": "eval", "seq_len": args.seq_len, "windows_asked": args.eval_windows, "stream_tokens": int(tokens.numel())},
+             "other_texts": {t: {"stream_tokens": int(v.numel())} for t, v in others.items()}}
     _progress(f"{name}: {setup['parameters'] / 1e6:.1f} M parameters, traced in {trace_s:.1f} s, "
               f"calibration {calib.shape[0]} x {calib.shape[1]}")
     rows = evaluate_methods(gm, calib, tokens, methods, model=name, seq_len=args.seq_len, eval_windows=args.eval_windows,
                             eval_batch_size=args.eval_batch_size, device=device, ort=not args.no_ort,
-                            fail_fast=args.fail_fast, on_row=on_row)
+                            fail_fast=args.fail_fast, on_row=on_row, texts=others, seeds=tuple(args.seeds))
     del gm, model
     _free(device)
     return rows, setup
@@ -427,9 +495,12 @@ def markdown(report: dict) -> str:
         f"onnxruntime {m['onnxruntime']}, scikit-learn {m['scikit-learn']}"
         + (f"; llmq_fx at {git['commit'][:10]}{' with local changes' if git.get('dirty') else ''}" if git.get("commit") else "") + ".",
         f"- Same tokens for every row: calibration = first {s['calib_samples']} windows x {s['seq_len']} of the built-in `calib` "
-        f"text; evaluation = first {s['eval_windows']} windows x {s['seq_len']} of the built-in `eval` text (each window "
-        "scored alone). `x float` = PyTorch perplexity / float PyTorch perplexity; `quantize s` = wall time of "
-        f"`llmq_fx.quantize`. ⚠ marks an onnxruntime perplexity more than {ORT_TOLERANCE:.0%} away from PyTorch's.",
+        f"text; evaluation = first {s['eval_windows']} windows x {s['seq_len']} of each evaluation text ("
+        + ", ".join(f"`{t}`" for t in s.get("texts", ["eval"])) + "; each window scored alone). `x float` = PyTorch "
+        "perplexity / float PyTorch perplexity of the same text; `quantize s` = wall time of `llmq_fx.quantize` (first seed). "
+        + (f"Seeded rows (ours) ran with seeds {s['seeds']}: their figures are means, with the range over seeds in brackets. "
+           if len(s.get("seeds", [])) > 1 else "")
+        + f"⚠ marks an onnxruntime perplexity more than {ORT_TOLERANCE:.0%} away from PyTorch's.",
         "", "Methods (one pipeline, one `QuantConfig` each; resolved configs in the JSON):", "",
     ]
     for name, rec in report["recipes"].items():
@@ -443,22 +514,32 @@ def markdown(report: dict) -> str:
             title += f" ({info['model_class']}, {info['parameters'] / 1e6:.1f} M parameters"
             ev = next((r for r in rows if r.get("eval_tokens")), None)
             title += f", {ev['eval_tokens']} predicted tokens)" if ev else ")"
-        lines += ["", title, "", "| method | PyTorch ppl | ORT ppl | x float | quantize s | ONNX MiB |", "|---|---:|---:|---:|---:|---:|"]
+        texts = s.get("texts", ["eval"])
+        head = " | ".join(f"{t}: PyTorch ppl | {t}: ORT ppl | {t}: x float" for t in texts)
+        lines += ["", title, "", f"| method | {head} | quantize s | ONNX MiB |", "|---|" + "---:|" * (3 * len(texts) + 2)]
         for r in rows:
             if r.get("error"):
-                lines.append(f"| {r['method']} | failed: {r['error'].replace('|', '/')} | | | | |")
+                lines.append(f"| {r['method']} | failed: {r['error'].replace('|', '/')} |" + " |" * (3 * len(texts) + 1))
                 continue
-            torch_cell = _fmt_ppl(r.get("ppl_torch")) if r.get("ppl_torch_raw") is None else r["ppl_torch_raw"]
-            if "ppl_ort" in r:
-                ort_cell = _fmt_ppl(r.get("ppl_ort")) if r.get("ppl_ort_raw") is None else r["ppl_ort_raw"]
-                if r.get("ort_flag"):
-                    diff = r.get("ort_vs_torch")
-                    ort_cell += " ⚠ " + (f"{diff:+.1%} vs PyTorch" if diff is not None else "non-finite")
-            else:
-                ort_cell = "not run"
+            cells = []
+            for t in texts:
+                tr = r.get("texts", {}).get(t) or ({k: r.get(k) for k in ("ppl_torch", "ppl_torch_raw", "ppl_ort", "ppl_ort_raw", "ratio_to_float")}
+                                                   if t == "eval" else {})
+                if "ppl_ort" in r and t == "eval" and "ort_vs_torch" in r:
+                    tr = {**tr, "ort_vs_torch": r["ort_vs_torch"]}
+                torch_cell = _fmt_ppl(tr.get("ppl_torch")) if tr.get("ppl_torch_raw") is None else tr["ppl_torch_raw"]
+                if tr.get("ppl_torch_min") is not None:
+                    torch_cell += f" ({_fmt_ppl(tr['ppl_torch_min'])}–{_fmt_ppl(tr['ppl_torch_max'])})"
+                if "ppl_ort" in tr:
+                    ort_cell = _fmt_ppl(tr.get("ppl_ort")) if tr.get("ppl_ort_raw") is None else tr["ppl_ort_raw"]
+                    diff = tr.get("ort_vs_torch")
+                    if diff is None or abs(diff) > ORT_TOLERANCE:
+                        ort_cell += " ⚠ " + (f"{diff:+.1%} vs PyTorch" if diff is not None else "non-finite")
+                else:
+                    ort_cell = "not run"
+                cells += [torch_cell, ort_cell, _cell(tr.get("ratio_to_float"), ".3f")]
             onnx = "" if r.get("onnx_bytes") is None else f"{r['onnx_bytes'] / MIB:.2f}"
-            lines.append(f"| {r['method']} | {torch_cell} | {ort_cell} | {_cell(r.get('ratio_to_float'), '.3f')} | "
-                         f"{_cell(r.get('quantize_s'), '.1f')} | {onnx} |")
+            lines.append(f"| {r['method']} | " + " | ".join(cells) + f" | {_cell(r.get('quantize_s'), '.1f')} | {onnx} |")
     return "\n".join(lines) + "\n"
 
 
@@ -489,6 +570,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-samples", type=int, default=32, help="calibration windows of --seq-len tokens")
     p.add_argument("--eval-windows", type=int, default=16, help="evaluation windows of --seq-len tokens")
     p.add_argument("--eval-batch-size", type=int, default=1, help="windows per forward when scoring (PyTorch and ORT)")
+    p.add_argument("--texts", nargs="+", default=["eval", "prose"],
+                   help="evaluation texts (built-in names or files); `eval` is always the first and primary one")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
+                   help="seeds of the seeded rows (ours and --extra): each is quantized once per seed, figures are means")
     p.add_argument("--device", default="cpu", help="PyTorch side (trace, quantize, eval): cpu or cuda; ORT is always CPU")
     p.add_argument("--no-ort", action="store_true", help="skip the ONNX export and the onnxruntime perplexity")
     p.add_argument("--fail-fast", action="store_true", help="stop at the first failing row instead of recording it")
@@ -533,6 +618,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(device),
         "setup": {"seq_len": args.seq_len, "calib_samples": args.calib_samples, "eval_windows": args.eval_windows,
+                  "texts": ["eval"] + [t for t in args.texts if t != "eval"], "seeds": list(args.seeds),
                   "eval_batch_size": args.eval_batch_size, "ort": not args.no_ort, "ort_tolerance": ORT_TOLERANCE},
         "recipes": {n: {**r, "resolved": resolve_recipe(r).to_dict()} for n, r in methods.items()},
         "models": list(args.models),

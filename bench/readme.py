@@ -35,39 +35,70 @@ def _ppl(x: float | None) -> str:
     return f"{x:.2f}" if x < 1e4 else f"{x:.1e}".replace("e+0", "e")
 
 
+_TEXTS = {
+    "eval": "software documentation, other documents than calibration; earlier recipe choices were made on it",
+    "prose": "Ambrose Bierce's The Devil's Dictionary, literary English of 1881-1906; no choice has seen it",
+}
+
+
+def _text_figures(row: dict, text: str) -> dict:
+    """A row's figures on one evaluation text (JSON written before per-text results: ``eval`` at the top level)."""
+    if "texts" in row:
+        return row["texts"].get(text) or {}
+    return row if text == "eval" else {}
+
+
 def readme_block(report: dict) -> str:
     """The Markdown between the README markers: command, table and the sentences the table supports."""
     rows = {(r["model"], r["method"]): r for r in report["rows"] if not r.get("error")}
     m, s = report["machine"], report["setup"]
+    texts = s.get("texts", ["eval"])
+    seeds = s.get("seeds", [])
+    described = "; ".join(f"`{t}`: {_TEXTS[t]}" if t in _TEXTS else f"`{t}`" for t in texts)
     lines = [
         f"Measured with `{report['command'].strip()}` on {report['date'][:10]} ({m['cpu_count']} CPU cores, "
         f"torch {m['torch']}; calibration {s['calib_samples']} x {s['seq_len']} tokens of the built-in `calib` text, "
-        f"evaluation {s['eval_windows']} x {s['seq_len']} tokens of the built-in `eval` text, the same tokens for every "
-        "row; full tables, machine and versions in [`bench/RESULTS.md`](bench/RESULTS.md)). This table is written by "
+        f"evaluation {s['eval_windows']} x {s['seq_len']} tokens of each evaluation text ({described}), the same tokens "
+        "for every row"
+        + (f"; the default is the mean over seeds {', '.join(map(str, seeds))} (the rotation's random signs), its range in brackets"
+           if len(seeds) > 1 else "")
+        + "; full tables, machine and versions in [`bench/RESULTS.md`](bench/RESULTS.md)). This table is written by "
         "`python bench/readme.py` from `bench/results/quality.json`:",
         "",
-        "| model | float | " + " | ".join(c for c, _ in _COLUMNS) + " | **default W4A4** (ORT) |",
-        "|---|---:|" + "---:|" * len(_COLUMNS) + "---:|",
+        "| model | text | float | " + " | ".join(c for c, _ in _COLUMNS) + " | **default W4A4** | x float | ORT |",
+        "|---|---|---:|" + "---:|" * len(_COLUMNS) + "---:|---:|---:|",
     ]
     notes = []
     for model in report["models"]:
         float_row, ours = rows.get((model, "float")), rows.get((model, "ours"))
         if float_row is None or ours is None:
             continue
-        cells = [_ppl(rows[(model, method)]["ppl_torch"]) if (model, method) in rows else "n/a" for _, method in _COLUMNS]
-        ort = f" ({_ppl(ours.get('ppl_ort'))})" if ours.get("ppl_ort") is not None else ""
-        lines.append(f"| {_NAMES.get(model, model)} | {_ppl(float_row['ppl_torch'])} | " + " | ".join(cells)
-                     + f" | **{_ppl(ours['ppl_torch'])}**{ort} |")
-        refs = [(rows[(model, m)]["ppl_torch"], m) for _, m in _COLUMNS[1:] if (model, m) in rows and rows[(model, m)].get("ppl_torch")]
-        best_ppl, best = min(refs) if refs else (None, None)
-        ratio = ours["ppl_torch"] / float_row["ppl_torch"]
-        ort_ratio = ours["ppl_ort"] / float_row["ppl_ort"] if ours.get("ppl_ort") and float_row.get("ppl_ort") else None
-        note = (f"{_NAMES.get(model, model)}: the default is {ratio:.3f}x float in PyTorch"
-                + (f" ({ort_ratio:.3f}x in onnxruntime)" if ort_ratio else "")
-                + f", a gap of {ours['ppl_torch'] - float_row['ppl_torch']:.2f} perplexity points")
-        if best is not None:
-            note += f" against {best_ppl - float_row['ppl_torch']:.2f} for the best W4A4 reference ({best})"
-        notes.append(note + ".")
+        ratios = []
+        for text in texts:
+            f, o = _text_figures(float_row, text), _text_figures(ours, text)
+            if not f.get("ppl_torch") or not o.get("ppl_torch"):
+                continue
+            cells = [_ppl(_text_figures(rows[(model, method)], text).get("ppl_torch")) if (model, method) in rows else "n/a"
+                     for _, method in _COLUMNS]
+            spread = f" ({_ppl(o['ppl_torch_min'])}–{_ppl(o['ppl_torch_max'])})" if o.get("ppl_torch_min") is not None else ""
+            ratio = o["ppl_torch"] / f["ppl_torch"]
+            ratios.append((text, ratio, o, f))
+            lines.append(f"| {_NAMES.get(model, model)} | `{text}` | {_ppl(f['ppl_torch'])} | " + " | ".join(cells)
+                         + f" | **{_ppl(o['ppl_torch'])}**{spread} | {ratio:.3f} | {_ppl(o.get('ppl_ort'))} |")
+        if ratios:
+            parts = []
+            for text, ratio, o, f in ratios:
+                part = f"{ratio:.3f}x float on `{text}`"
+                if o.get("ppl_torch_min") is not None:
+                    part += f" ({o['ppl_torch_min'] / f['ppl_torch']:.3f}–{o['ppl_torch_max'] / f['ppl_torch']:.3f} over seeds)"
+                parts.append(part)
+            refs = [(_text_figures(rows[(model, mm)], "eval").get("ppl_torch"), mm) for _, mm in _COLUMNS[1:] if (model, mm) in rows]
+            refs = [(p, mm) for p, mm in refs if p]
+            note = f"{_NAMES.get(model, model)}: the default is " + ", ".join(parts) + " in PyTorch"
+            if refs:
+                best_ppl, best = min(refs)
+                note += f"; the best W4A4 reference on `eval` ({best}) is {best_ppl / _text_figures(float_row, 'eval')['ppl_torch']:.2f}x"
+            notes.append(note + ".")
     lines += ["", *[f"- {n}" for n in notes]]
     return "\n".join(lines) + "\n"
 

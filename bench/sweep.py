@@ -4,7 +4,8 @@
 
 Writes ``<out>.json`` and ``<out>.md``. Same calibration tokens (first ``--calib-samples`` windows of
 the built-in calibration text) and the same evaluation tokens (first ``--eval-windows`` windows of
-the built-in evaluation text) for every row.
+the built-in ``tune`` text, the split kept for choosing recipes; ``--text eval`` or ``prose`` only to
+report, never to choose) for every row.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--calib-samples", type=int, default=16)
     p.add_argument("--eval-windows", type=int, default=16)
+    p.add_argument("--text", default="tune", help="text scored (default tune: the split recipe choices are made on)")
     p.add_argument("--clusters", type=int, nargs="+", default=[4, 8, 16, 32])
     p.add_argument("--alphas", type=float, nargs="+", default=[0.5, 0.8])
     p.add_argument("--features", default="minmax")
@@ -55,7 +57,7 @@ def main() -> None:
     model, tok = load_model(args.model)
     gm = llmq_fx.trace(model)
     calib = calibration_set(tokenize(tok, load_text("calib")), args.calib_samples, args.seq_len)
-    tokens = tokenize(tok, load_text("eval"))
+    tokens = tokenize(tok, load_text(args.text))
     results = []
     t0 = time.perf_counter()
     fp = perplexity(gm, tokens, args.seq_len, args.eval_windows)

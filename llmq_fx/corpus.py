@@ -1,4 +1,4 @@
-"""Built-in text (``calib``/``eval``, see ``llmq_fx/data/SOURCES.md``), text files and token-id files,
+"""Built-in text (``calib``, ``tune``, ``eval``, ``prose``: see ``llmq_fx/data/SOURCES.md``), text files and token-id files,
 turned into token streams and windows for calibration and evaluation."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ __all__ = [
 ]
 
 DATA = Path(__file__).parent / "data"
-BUILTIN_TEXTS = ("calib", "eval")
+BUILTIN_TEXTS = ("calib", "tune", "eval", "prose")
 # Files read as token ids instead of text: NumPy arrays, torch tensors, safetensors.
 TOKEN_SUFFIXES = (".npy", ".pt", ".safetensors")
 

@@ -57,6 +57,30 @@ def test_rows_float_first_with_pytorch_and_onnxruntime(opt_gm, calib, eval_ids):
     assert rows[2]["config"] == QuantConfig().to_dict()
 
 
+def test_seeded_rows_report_every_text_as_mean_and_range(opt_gm, calib, eval_ids):
+    """ours runs once per seed; every text gets mean, per-seed values and range; baselines run once."""
+    stream = eval_ids.reshape(-1)
+    other = stream.flip(0)
+    methods = {k: quality.RECIPES[k] for k in ("RTN", "ours")}
+    rows = quality.evaluate_methods(opt_gm, calib, stream, methods, model="tiny", seq_len=20, eval_windows=1, ort=False,
+                                    texts={"other": other}, seeds=(0, 1))
+    float_row, rtn, ours = rows
+    assert "seeds" not in rtn and ours["seeds"] == [0, 1] and len(ours["quantize_s_seeds"]) == 2
+    for text in ("eval", "other"):
+        t = ours["texts"][text]
+        assert len(t["ppl_torch_seeds"]) == 2 and t["ppl_torch_min"] <= t["ppl_torch"] <= t["ppl_torch_max"]
+        assert math.isclose(t["ppl_torch"], sum(t["ppl_torch_seeds"]) / 2)
+        assert math.isclose(t["ratio_to_float"], t["ppl_torch"] / float_row["texts"][text]["ppl_torch"])
+    assert ours["ppl_torch"] == ours["texts"]["eval"]["ppl_torch"]  # the primary text at the top level
+    assert ours["texts"]["eval"]["ppl_torch_seeds"][0] != ours["texts"]["eval"]["ppl_torch_seeds"][1]  # the seed matters
+    report = {"machine": quality.machine(quality.torch.device("cpu")), "date": "today", "complete": True, "command": "cmd",
+              "setup": {"seq_len": 20, "calib_samples": 1, "eval_windows": 1, "texts": ["eval", "other"], "seeds": [0, 1]},
+              "recipes": {}, "models": ["tiny"], "model_setup": {}, "rows": rows}
+    md = quality.markdown(report)
+    t = ours["texts"]["other"]
+    assert f"{t['ppl_torch']:.2f} ({t['ppl_torch_min']:.2f}–{t['ppl_torch_max']:.2f})" in md
+
+
 def test_markdown_flags_and_splice_keeps_other_content(tmp_path):
     row = dict(model="m", method="ours", ppl_torch=20.0, ppl_ort=21.0, ort_vs_torch=0.05, ort_flag=True, ratio_to_float=2.0,
                quantize_s=1.0, onnx_bytes=2**20, eval_tokens=10)
