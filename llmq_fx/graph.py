@@ -19,6 +19,7 @@ from llmq_fx.stats import ActivationObserver
 __all__ = [
     "LINEAR_OPS",
     "VIEW_OPS",
+    "CASTS",
     "ObserverSite",
     "NormAffine",
     "is_linear",
@@ -58,7 +59,8 @@ _ATTENTION_OPS = {aten.scaled_dot_product_attention.default}
 # What RoPE does to q and k between the projection and attention.
 _ROPE_OPS = {aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor, aten.neg.default, aten.cat.default}
 _ACTIVATIONS = {aten.relu.default, aten.gelu.default, aten.silu.default, aten.mul.Tensor}
-_CASTS = {aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout}
+_CASTS = {aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.type_as.default}
+CASTS = _CASTS  # dtype casts: value-preserving for the passes that walk through them
 
 
 def is_linear(node: fx.Node) -> bool:
@@ -163,12 +165,39 @@ def _through_views(node: fx.Node, broadcast: bool = False) -> fx.Node:
 
 @dataclass
 class NormAffine:
-    """The affine part of a normalization: ``y = normalized(x) * weight (+ bias)``."""
+    """The affine part of a normalization: ``y = normalized(x) * (weight + offset) (+ bias)``.
+
+    ``offset`` is 0 for LayerNorm and Llama's RMSNorm, 1 for Gemma's (``x * (1 + weight)``); ``scale``
+    is the node the normalized value is multiplied by (``weight`` itself, or the ``weight + offset`` node).
+    """
 
     node: fx.Node
     weight: fx.Node  # get_attr
     bias: fx.Node | None  # get_attr, or None (RMSNorm)
     kind: str  # "layer_norm" | "rms_norm"
+    offset: float = 0.0
+    scale: fx.Node | None = None
+
+    def __post_init__(self):
+        if self.scale is None:
+            self.scale = self.weight
+
+
+def _norm_weight(node) -> tuple[fx.Node, float] | None:
+    """``(get_attr, offset)`` when ``node`` is a parameter, or a parameter (through casts) plus a constant."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "get_attr":
+        return node, 0.0
+    if node.op == "call_function" and node.target == aten.add.Tensor and len(node.args) == 2:
+        a, b = node.args
+        for w, c in ((a, b), (b, a)):
+            if isinstance(c, (int, float)) and not isinstance(c, bool) and isinstance(w, fx.Node):
+                while w.op == "call_function" and w.target in _CASTS:
+                    w = w.args[0]
+                if w.op == "get_attr":
+                    return w, float(c)
+    return None
 
 
 def norm_affine(node: fx.Node) -> NormAffine | None:
@@ -176,7 +205,7 @@ def norm_affine(node: fx.Node) -> NormAffine | None:
 
     * LayerNorm: one ``aten.layer_norm`` node with ``get_attr`` weight and bias.
     * RMSNorm as ``torch.export`` decomposes it (Llama): ``mul(weight, x * rsqrt(mean(x^2) + eps))``,
-      the weight multiplied in last.
+      the weight multiplied in last; or by ``weight + c`` (Gemma's ``1 + weight``: ``offset`` c).
     """
     if node.op != "call_function":
         return None
@@ -189,12 +218,13 @@ def norm_affine(node: fx.Node) -> NormAffine | None:
     if node.target == aten.mul.Tensor and len(node.args) == 2:
         a, b = node.args
         for w, other in ((a, b), (b, a)):
-            if isinstance(w, fx.Node) and w.op == "get_attr" and isinstance(other, fx.Node):
+            found = _norm_weight(w)
+            if found is not None and isinstance(other, fx.Node):
                 src = _through_views(other)
                 if src.op == "call_function" and src.target == aten.mul.Tensor and any(
                     isinstance(x, fx.Node) and x.op == "call_function" and x.target == aten.rsqrt.default for x in src.args
                 ):
-                    return NormAffine(node, w, None, "rms_norm")
+                    return NormAffine(node, found[0], None, "rms_norm", offset=found[1], scale=w)
     return None
 
 
@@ -221,12 +251,30 @@ def attention_output(node: fx.Node) -> fx.Node | None:
     return attn if attn.op == "call_function" and attn.target in _ATTENTION_OPS else None
 
 
+def _narrows_channels(node: fx.Node) -> bool:
+    """Whether an ``aten.slice`` keeps only part of its input's last dimension (a full slice is a view)."""
+    args = list(node.args) + [0, None, None][len(node.args) - 1:]
+    src, dim, start, end = node.args[0], args[1], args[2], args[3]
+    val = src.meta.get("val") if isinstance(src, fx.Node) else None
+    if val is None:
+        return True
+    if dim % val.dim() != val.dim() - 1:
+        return False
+    size = val.shape[-1]
+    return bool((start or 0) != 0 or (end is not None and end < size))
+
+
 def attention_value_source(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     """If ``node`` is an attention output, return ``(attention node, v_proj linear)``."""
     attn = attention_output(node)
     if attn is None:
         return None
-    value = _through_views(attn.args[2], broadcast=True)
+    value = attn.args[2]
+    ops = VIEW_OPS | _CASTS | BROADCAST_OPS
+    while value.op == "call_function" and value.target in ops:
+        if value.target == aten.slice.Tensor and _narrows_channels(value):
+            return None  # V is part of a fused projection (Phi-3's qkv_proj): its rows are not all V's
+        value = value.args[0]
     return (attn, value) if is_linear(value) else None
 
 

@@ -18,6 +18,8 @@ from tqdm.auto import tqdm
 from llmq_fx import qmath
 from llmq_fx.calibrate import calibration_batches
 from llmq_fx.config import QuantConfig
+from llmq_fx.errors import ConfigError
+from llmq_fx.graph import is_linear, is_skipped, module_path
 from llmq_fx.passes.base import CalibratedPass
 from llmq_fx.recipe import recipe
 
@@ -55,6 +57,7 @@ def quantize(
     config = QuantConfig.coerce(config)
     passes = recipe(config)
     batches = calibration_batches(calib, config.calib_batch_size)  # a bad calibration set fails before any work
+    _check_group_size(gm, config)  # as does a group size that a Linear's width does not allow
     qgm = copy.deepcopy(gm)
     meta = qgm.meta.setdefault("llmq_fx", {})
     meta.update(config=config.to_dict(), recipe=passes.to_dict(), gptq_sequential=config.runs_sequential_gptq())
@@ -71,6 +74,22 @@ def quantize(
             timings[p.stage] = time.perf_counter() - t0
             logger.info("stage %s: %.2f s", p.stage, timings[p.stage])
     return qgm
+
+
+def _check_group_size(gm: fx.GraphModule, config: QuantConfig) -> None:
+    """``ConfigError`` naming the first quantized Linear whose input width ``w_group_size`` does not divide."""
+    g = config.w_group_size
+    if g is None or config.w_bits is None:
+        return
+    for node in gm.graph.nodes:
+        if not is_linear(node) or is_skipped(module_path(node), config.skip):
+            continue
+        weight = node.args[1]
+        val = weight.meta.get("val") if isinstance(weight, fx.Node) else None
+        if val is not None and val.dim() == 2 and val.shape[1] % g:
+            raise ConfigError(
+                f"config key 'w_group_size'={g} does not divide in_features={val.shape[1]} of {module_path(node)}"
+            )
 
 
 def _note_act_aware(config: QuantConfig, meta: dict) -> None:

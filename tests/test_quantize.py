@@ -194,3 +194,17 @@ def test_config_from_yaml_and_toml(tmp_path):
     assert t.a_bits == 8 and t.smooth_alpha == 0.8
     with pytest.raises(llmq_fx.ConfigError, match="not found"):
         llmq_fx.QuantConfig.from_file(tmp_path / "missing.yaml")
+
+
+def test_a_group_size_the_widths_do_not_allow_fails_before_any_work(monkeypatch):
+    """w_group_size must divide every quantized Linear's input width: refused before calibration starts."""
+    from llmq_fx.models import load_model
+    from llmq_fx.passes import base
+
+    model, _ = load_model("opt-tiny-random")
+    gm = llmq_fx.trace(model)
+    started = []
+    monkeypatch.setattr(base.CalibratedPass, "with_calibration", lambda self, *a, **k: started.append(self) or self)
+    with pytest.raises(llmq_fx.ConfigError, match="w_group_size'=24 does not divide in_features=.* of model.decoder.layers.0"):
+        llmq_fx.quantize(gm, torch.randint(0, 50, (2, 16)), {"w_group_size": 24}, progress=False)
+    assert not started

@@ -40,7 +40,7 @@ def rms_norm_parts(node: fx.Node) -> tuple[fx.Node, fx.Node, float] | None:
     affine = norm_affine(node)
     if affine is None or affine.kind != "rms_norm":
         return None
-    other = node.args[1] if node.args[0] is affine.weight else node.args[0]
+    other = node.args[1] if node.args[0] is affine.scale else node.args[0]
     y = _uncast(other)
     if not (y.op == "call_function" and y.target == aten.mul.Tensor and len(y.args) == 2):
         return None
@@ -64,7 +64,7 @@ def rms_norm_parts(node: fx.Node) -> tuple[fx.Node, fx.Node, float] | None:
         return None
     if _uncast(base) is not _uncast(x):
         return None
-    return x, affine.weight, float(add.args[1])
+    return x, affine.scale, float(add.args[1])  # scale: the weight, or Gemma's 1 + weight node
 
 
 class FuseRMSNormPass(PassBase):

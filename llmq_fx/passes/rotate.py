@@ -53,7 +53,8 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
 import torch
 from torch import fx
@@ -62,6 +63,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from llmq_fx.errors import UnsupportedModelError
 from llmq_fx.graph import (
     VIEW_OPS,
+    CASTS,
     attention_value_source,
     attr,
     attr_users_elsewhere,
@@ -79,7 +81,7 @@ __all__ = ["RotatePass", "RotateOptions", "hadamard", "paley_hadamard", "random_
 logger = logging.getLogger(__name__)
 
 aten = torch.ops.aten
-_CASTS = {aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout}
+_CASTS = CASTS
 _PASS_THROUGH = VIEW_OPS | _CASTS
 # Side-effect-free checks torch.export leaves in the graph; they read values but change nothing.
 _IGNORED = {aten._assert_tensor_metadata.default}
@@ -230,6 +232,8 @@ class _ResidualPlan:
     kind: str
     writers: list[fx.Node]
     readers: list[tuple[fx.Node, object]]
+    post_norms: list = field(default_factory=list)  # norms between a writer and the residual: rotated online
+    head_norms: list = field(default_factory=list)  # norms inside attention (QK-norm): off the residual stream
 
 
 class RotatePass(LlmqPass):
@@ -268,6 +272,7 @@ class RotatePass(LlmqPass):
             report["residual"] = self._rotate_residual(gm, plan, gen)
         if opts.heads:
             report["heads"] = self._rotate_heads(gm, heads, gen)
+            report["heads"]["not_rotated"] = _value_heads_left(gm, heads)
         if opts.online:
             report["online"] = self._online(gm, online, gen)
         gm.graph.eliminate_dead_code()
@@ -309,7 +314,7 @@ class RotatePass(LlmqPass):
             path = module_path(lin)
             wt = _own_param(gm, lin, lin.args[1], f"{path}.weight")
             wm = attr(gm, wt).detach().to(torch.float64)
-            g = attr(gm, na.weight.target).detach().to(torch.float64)
+            g = attr(gm, na.weight.target).detach().to(torch.float64) + na.offset
             bias = None
             if len(lin.args) > 2 and isinstance(lin.args[2], fx.Node):
                 bias = attr(gm, _own_param(gm, lin, lin.args[2], f"{path}.bias")).detach().to(torch.float64)
@@ -329,11 +334,24 @@ class RotatePass(LlmqPass):
                     lin.args = (lin.args[0], lin.args[1], b_node)
         for na in norms:
             ref = attr(gm, na.weight.target)
-            _write(gm, na.weight.target, torch.ones_like(ref, dtype=torch.float64))
+            _write(gm, na.weight.target, torch.full_like(ref, 1.0 - na.offset, dtype=torch.float64))  # weight + offset = 1
             if na.kind == "layer_norm":
                 _layer_norm_to_rms(gm, na)
+        online = []
+        if plan.post_norms:
+            set_attr(gm, "llmq_rotation_residual", q.to(attr(gm, norms[0].weight.target).dtype).contiguous())
+            for na in plan.post_norms:  # residual += norm(y) @ Q: the norm's own weight stays elementwise
+                with gm.graph.inserting_after(na.node):
+                    q_node = gm.graph.get_attr("llmq_rotation_residual")
+                with gm.graph.inserting_after(q_node):
+                    rotated = gm.graph.call_function(aten.matmul.default, (na.node, q_node))
+                na.node.replace_all_uses_with(rotated, delete_user_cb=lambda u: u is not rotated)
+                rotated.meta[ONLINE_ROTATION_META] = True
+                rotated.meta["nn_module_stack"] = na.node.meta.get("nn_module_stack", {})
+                online.append(na.node.meta.get("nn_module_stack") and module_path(na.node) or na.node.name)
         return {"dim": d, "norm": kind, "centered": center, "full_hadamard": full_hadamard,
-                "writers": len(writers), "readers": len(readers)}
+                "writers": len(writers), "readers": len(readers), "online_after_norms": online,
+                "norms_left_alone": [module_path(na.node) or na.node.name for na in plan.head_norms]}
 
     # -- 4: value heads -------------------------------------------------------------------------
     @torch.no_grad()
@@ -403,10 +421,29 @@ def _residual_plan(gm: fx.GraphModule) -> _ResidualPlan:
     """Find the norms, the residual stream's writers and the norms' Linear readers; raise
     ``UnsupportedModelError`` for any pattern the rotation cannot absorb, before anything changes."""
     graph = gm.graph
-    norms = [na for n in graph.nodes if (na := norm_affine(n)) is not None]
-    if not norms:
+    found = [na for n in graph.nodes if (na := norm_affine(n)) is not None]
+    if not found:
         raise UnsupportedModelError("rotation: no LayerNorm/RMSNorm found in the graph")
-    kinds = {na.kind for na in norms}
+    # The residual width: the width most norms have (2-4 per block and the final one, against 2 QK-norms
+    # per block at most; a tie goes to the wider). A norm of another width normalizes something else
+    # (QK-norm over a head): the residual rotation does not reach it.
+    widths = {na.node: attr(gm, na.weight.target).numel() for na in found}
+    counts = Counter(widths.values())
+    d_model = max(counts, key=lambda w: (counts[w], w))
+    head_norms = [na for na in found if widths[na.node] != d_model]
+    norms, post_norms, why_not = [], [], None
+    for na in found:
+        if widths[na.node] != d_model:
+            continue
+        try:
+            _linear_readers(na.node)
+            norms.append(na)  # a pre-norm: Linears read it and absorb the rotation
+        except UnsupportedModelError as err:
+            post_norms.append(na)  # read by something else: on a writer's path (checked by the walk below)
+            why_not = why_not or err
+    if not norms:
+        raise why_not or UnsupportedModelError("rotation: no norm of the residual width is read by Linears")
+    kinds = {na.kind for na in norms + post_norms}
     if len(kinds) != 1:
         raise UnsupportedModelError(f"rotation: mixed norm kinds {sorted(kinds)} are not supported")
     kind = kinds.pop()
@@ -416,16 +453,22 @@ def _residual_plan(gm: fx.GraphModule) -> _ResidualPlan:
         internal |= _norm_internal(na, norm_in[na.node])
 
     # Residual stream: walk up from the norm inputs through adds, views, casts, dropout.
-    residual, writers, stack = set(), [], list(norm_in.values())
+    post_by_node = {na.node: na for na in post_norms}
+    residual, writers, stack, online_writers = set(), [], list(norm_in.values()), []
     while stack:
         n = stack.pop()
         if n in residual:
             continue
         residual.add(n)
-        if n.op == "call_function" and n.target == aten.add.Tensor and all(isinstance(a, fx.Node) for a in n.args[:2]):
+        if n in post_by_node:  # norm(Linear output) added to the residual (sandwich norms): rotated online after it
+            online_writers.append(post_by_node[n])
+            internal |= _norm_internal(post_by_node[n], _norm_input(post_by_node[n])) - {n}
+        elif n.op == "call_function" and n.target == aten.add.Tensor and all(isinstance(a, fx.Node) for a in n.args[:2]):
             stack.extend(n.args[:2])
         elif n.op == "call_function" and n.target in _PASS_THROUGH:
             stack.append(n.args[0])
+        elif (scaled := _scalar_multiple(n)) is not None:  # Gemma's embedding * sqrt(d): commutes with Q
+            stack.append(scaled)
         elif is_linear(n) or (n.op == "call_function" and n.target == aten.embedding.default):
             writers.append(n)
         else:
@@ -439,12 +482,17 @@ def _residual_plan(gm: fx.GraphModule) -> _ResidualPlan:
         for u in n.users:
             if u in residual or u in internal or u.target in _IGNORED or (
                 u.target in _PASS_THROUGH and _only_feeds(u, residual | internal)
-            ):
+            ) or (u.target == aten.type_as.default and u.args[0] is not n):  # n only lends its dtype there
                 continue
             raise UnsupportedModelError(
                 f"rotation: residual value {n.name} feeds {u.name} ({u.target}), which is neither a norm nor "
                 "the residual add (post-LN or an unsupported block)"
             )
+    stray = [na.node.name for na in post_norms if all(o is not na for o in online_writers)]
+    if stray:
+        raise UnsupportedModelError(
+            f"rotation: norm output {stray[0]} is read neither by Linears nor by the residual stream"
+        )
     readers: list[tuple[fx.Node, object]] = []
     for na in norms:
         for lin in _linear_readers(na.node):
@@ -466,7 +514,23 @@ def _residual_plan(gm: fx.GraphModule) -> _ResidualPlan:
             raise UnsupportedModelError(
                 f"rotation: {na.node.name} normalizes over {na.node.args[1]}, not the last dimension only"
             )
-    return _ResidualPlan(norms, kind, writers, readers)
+    return _ResidualPlan(norms, kind, writers, readers, online_writers, head_norms)
+
+
+def _value_heads_left(gm: fx.GraphModule, pairs) -> list[dict]:
+    """The attentions whose value heads the rotation did not reach, each with the reason."""
+    done = {attn for attn, _, _ in pairs}
+    left = []
+    for attn in gm.graph.nodes:
+        if attn.op != "call_function" or attn.target != aten.scaled_dot_product_attention.default or attn in done:
+            continue
+        readers = [u for u in attn.users]
+        why = "V is a slice of a fused projection (its rows are not all V's)" if attn.args[2].op == "call_function" else "V is not a Linear output"
+        left.append({"attention": module_path(attn) or attn.name, "why": why, "readers": len(readers)})
+    if not any(n.op == "call_function" and n.target == aten.scaled_dot_product_attention.default for n in gm.graph.nodes):
+        left.append({"attention": "all", "why": "no scaled_dot_product_attention node (eager matmul/softmax attention, e.g. "
+                     "with attention softcapping): value heads and out_proj inputs are not rotated"})
+    return left
 
 
 def _value_head_pairs(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node, fx.Node]]:
@@ -537,7 +601,7 @@ def _norm_input(na) -> fx.Node:
     """The residual value a norm normalizes."""
     if na.kind == "layer_norm":
         return na.node.args[0]
-    other = na.node.args[1] if na.node.args[0] is na.weight else na.node.args[0]
+    other = na.node.args[1] if na.node.args[0] is na.scale else na.node.args[0]
     n = other
     while n.op == "call_function" and n.target in _PASS_THROUGH:
         n = n.args[0]
@@ -548,6 +612,22 @@ def _norm_input(na) -> fx.Node:
                 a = a.args[0]
             return a
     raise UnsupportedModelError(f"rotation: cannot find the input of norm {na.node.name}")
+
+
+def _scalar_multiple(n: fx.Node) -> fx.Node | None:
+    """``x`` when ``n`` is ``x * c`` with ``c`` a number or a one-element tensor (a rotation commutes with it)."""
+    if not (n.op == "call_function" and n.target == aten.mul.Tensor and len(n.args) == 2):
+        return None
+    a, b = n.args
+    for x, c in ((a, b), (b, a)):
+        if not isinstance(x, fx.Node):
+            continue
+        if isinstance(c, (int, float)) and not isinstance(c, bool):
+            return x
+        val = c.meta.get("val") if isinstance(c, fx.Node) else None
+        if val is not None and val.numel() == 1:
+            return x
+    return None
 
 
 def _norm_internal(na, x: fx.Node) -> set[fx.Node]:

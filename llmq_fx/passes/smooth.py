@@ -151,6 +151,8 @@ class SmoothPass(LlmqPass):
             if len(producer.users) != 1:
                 others = [u.name for u in producer.users if u is not obs]
                 return None, f"norm {producer.name} output also feeds {others} (e.g. post-LN residual)"
+            if norm.offset:
+                return None, f"norm {producer.name} multiplies by weight + {norm.offset:g}: 1/s cannot fold into its weight alone"
             params = [norm.weight] + ([norm.bias] if norm.bias is not None else [])
             upstream = [p.target for p in params]
             for node in params:
