@@ -8,6 +8,7 @@ __all__ = [
     "StatisticsError",
     "CheckpointError",
     "ExportError",
+    "DeviceMemoryError",
 ]
 
 
@@ -37,3 +38,8 @@ class CheckpointError(LlmqError, FileNotFoundError):
 
 class ExportError(LlmqError):
     """The ONNX export failed; no file was left behind."""
+
+
+class DeviceMemoryError(LlmqError, MemoryError):
+    """The device ran out of memory; the message names where, how much was asked and how much is free."""
+

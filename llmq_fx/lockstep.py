@@ -22,6 +22,7 @@ layer-by-layer GPTQ that keeps every calibration sequence's hidden state.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -29,7 +30,7 @@ import torch
 from torch import fx
 from tqdm.auto import tqdm
 
-from llmq_fx.errors import CalibrationError, UnsupportedModelError
+from llmq_fx.errors import CalibrationError, DeviceMemoryError, UnsupportedModelError
 from llmq_fx.graph import ObserverSite, observer_sites
 
 __all__ = ["SiteInputs", "SiteResult", "run_lockstep"]
@@ -110,37 +111,66 @@ def run_lockstep(
                     ref[b].pop(arg, None)
                     quant[b].pop(arg, None)
 
+    current: list[fx.Node | None] = [None]
+
+    def _walk(node: fx.Node) -> None:
+        with torch.no_grad():
+            while node is not None and node.op != "output":
+                current[0] = node
+                if node.op == "placeholder":
+                    for b, batch in enumerate(batches):
+                        ref[b][node] = quant[b][node] = batch.to(device)
+                elif node in sites:
+                    site = sites[node]
+                    producer = site.producer
+                    result = on_site(SiteInputs(site, [r[producer] for r in ref], [q[producer] for q in quant]))
+                    for b in range(len(batches)):
+                        ref[b][node] = ref[b][producer]
+                        quant[b][node] = result.quant[b]
+                    ref_overrides.update(result.ref_overrides)
+                    for reader in result.raw_readers:
+                        raw_of[reader] = (node, producer)
+                        extra_users.setdefault(producer, set()).add(reader)
+                    bar.update(1)
+                else:
+                    for b in range(len(batches)):
+                        shared = node not in ref_overrides and all(ref[b][a] is quant[b][a] for a in node.all_input_nodes)
+                        if shared and node not in raw_of:
+                            ref[b][node] = quant[b][node] = evaluate(node, quant[b])
+                        else:
+                            ref[b][node] = ref_overrides[node] if node in ref_overrides else evaluate(node, ref[b])
+                            quant[b][node] = evaluate(node, quant[b])
+                done.add(node)
+                release(node)
+                if node is last:
+                    break
+                node = node.next
+
     bar = tqdm(total=len(sites), desc="sequential", unit="site", disable=not progress, leave=False)
     node = next(iter(gm.graph.nodes))
-    with torch.no_grad():
-        while node is not None and node.op != "output":
-            if node.op == "placeholder":
-                for b, batch in enumerate(batches):
-                    ref[b][node] = quant[b][node] = batch.to(device)
-            elif node in sites:
-                site = sites[node]
-                producer = site.producer
-                result = on_site(SiteInputs(site, [r[producer] for r in ref], [q[producer] for q in quant]))
-                for b in range(len(batches)):
-                    ref[b][node] = ref[b][producer]
-                    quant[b][node] = result.quant[b]
-                ref_overrides.update(result.ref_overrides)
-                for reader in result.raw_readers:
-                    raw_of[reader] = (node, producer)
-                    extra_users.setdefault(producer, set()).add(reader)
-                bar.update(1)
-            else:
-                for b in range(len(batches)):
-                    shared = node not in ref_overrides and all(ref[b][a] is quant[b][a] for a in node.all_input_nodes)
-                    if shared and node not in raw_of:
-                        ref[b][node] = quant[b][node] = evaluate(node, quant[b])
-                    else:
-                        ref[b][node] = ref_overrides[node] if node in ref_overrides else evaluate(node, ref[b])
-                        quant[b][node] = evaluate(node, quant[b])
-            done.add(node)
-            release(node)
-            if node is last:
-                break
-            node = node.next
-    bar.close()
-    interp.env = {}
+    try:
+        _walk(node)
+    except torch.OutOfMemoryError as err:
+        raise out_of_memory(err, current[0], len(batches)) from None
+    finally:
+        bar.close()
+        interp.env = {}
+
+
+def out_of_memory(err: BaseException, node: fx.Node | None, batches: int) -> DeviceMemoryError:
+    """One line: where the walk ran out of device memory, what was asked, what is free, what to change."""
+    from llmq_fx.graph import module_path
+
+    where = "before the first node" if node is None else f"at node {node.name}" + (
+        f" ({module_path(node)})" if node.meta.get("nn_module_stack") else "")
+    found = re.search(r"Tried to allocate ([\d.]+ ?[KMGT]?i?B)", str(err))
+    asked = f"asked {found.group(1)}" if found else (str(err).splitlines() or ["out of memory"])[0][:120]
+    free = ""
+    if torch.cuda.is_available():
+        free_b, total_b = torch.cuda.mem_get_info()
+        free = f"; {free_b / 2**30:.1f} GiB free of {total_b / 2**30:.1f} GiB"
+    return DeviceMemoryError(
+        f"out of device memory {where} ({asked}{free}) while {batches} calibration batches are held in two lanes: "
+        "calibrate on fewer or shorter sequences, or on a larger device"
+    )
+

@@ -182,3 +182,18 @@ def test_activation_error_gram_form_equals_the_direct_product(outputs):
     for a, b, r in zip(direct, gram, reference):
         assert float(a) == pytest.approx(float(r), rel=1e-6)
         assert float(b) == pytest.approx(float(r), rel=1e-4)
+
+
+def test_running_out_of_device_memory_names_the_node_and_the_bytes(monkeypatch):
+    """An out-of-memory error in the walk becomes one line naming the node and the bytes asked."""
+    from llmq_fx.models import load_model
+
+    model, _ = load_model("opt-tiny-random")
+    gm = llmq_fx.trace(model)
+
+    def boom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.50 GiB. GPU 0 has a total capacity of 139.80 GiB")
+
+    monkeypatch.setattr(sequential_gptq.qmath, "gptq_quantize_weight", boom)
+    with pytest.raises(llmq_fx.errors.DeviceMemoryError, match=r"out of device memory at node .*q_proj.* \(asked 2.50 GiB"):
+        llmq_fx.quantize(gm, torch.randint(0, 50, (2, 16)), {"rotate": False}, progress=False)
