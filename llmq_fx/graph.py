@@ -264,18 +264,33 @@ def _narrows_channels(node: fx.Node) -> bool:
     return bool((start or 0) != 0 or (end is not None and end < size))
 
 
-def attention_value_source(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
-    """If ``node`` is an attention output, return ``(attention node, v_proj linear)``."""
+def attention_value_source(node: fx.Node, fused: bool = False) -> tuple[fx.Node, fx.Node] | tuple[fx.Node, fx.Node, slice] | None:
+    """If ``node`` is an attention output, return ``(attention node, v_proj linear)``.
+
+    With ``fused``, V may also be a slice of a fused projection's output channels (Phi-3's
+    ``qkv_proj``): then ``(attention, linear, rows)`` with ``rows`` the Linear's output rows that are
+    V (for the plain case ``rows`` covers all of them). Without it such a V is no match.
+    """
     attn = attention_output(node)
     if attn is None:
         return None
-    value = attn.args[2]
+    value, rows = attn.args[2], None
     ops = VIEW_OPS | _CASTS | BROADCAST_OPS
     while value.op == "call_function" and value.target in ops:
         if value.target == aten.slice.Tensor and _narrows_channels(value):
-            return None  # V is part of a fused projection (Phi-3's qkv_proj): its rows are not all V's
+            src = value.args[0]
+            if not (fused and rows is None and is_linear(src) and (len(value.args) < 5 or value.args[4] in (None, 1))):
+                return None  # V is part of a fused projection (Phi-3's qkv_proj): its rows are not all V's
+            size = src.meta["val"].shape[-1]
+            start = value.args[2] if len(value.args) > 2 and value.args[2] is not None else 0
+            end = value.args[3] if len(value.args) > 3 and value.args[3] is not None else size
+            rows = slice(int(start) % size if start < 0 else int(start), min(int(end), size))
         value = value.args[0]
-    return (attn, value) if is_linear(value) else None
+    if not is_linear(value):
+        return None
+    if not fused:
+        return attn, value
+    return attn, value, rows if rows is not None else slice(0, value.meta["val"].shape[-1])
 
 
 def site_role(producer: fx.Node, consumers: list[fx.Node]) -> str:

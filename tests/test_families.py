@@ -69,13 +69,10 @@ def test_rotation_leaves_the_float_output_unchanged(family):
         assert len(residual["norms_left_alone"]) == 2 * COMMON["num_hidden_layers"]
         assert all(p.endswith(("q_norm", "k_norm")) for p in residual["norms_left_alone"])
     left = report["heads"]["not_rotated"]
-    if name == "phi3":  # V is a slice of the fused qkv_proj: its heads are not rotated alone
-        assert report["heads"]["value_heads"] == 0
-        assert len(left) == COMMON["num_hidden_layers"] and all("fused" in x["why"] for x in left)
-    elif name == "gemma2":  # attention softcapping: eager matmul/softmax attention, no SDPA node to match
+    if name == "gemma2":  # attention softcapping: eager matmul/softmax attention, no SDPA node to match
         assert report["heads"]["value_heads"] == 0
         assert [x["attention"] for x in left] == ["all"] and "softcapping" in left[0]["why"]
-    else:
+    else:  # Phi-3 too: V's rows of the fused qkv_proj only
         assert report["heads"]["value_heads"] == COMMON["num_hidden_layers"] and left == []
 
 

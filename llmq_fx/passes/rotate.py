@@ -357,21 +357,23 @@ class RotatePass(LlmqPass):
     @torch.no_grad()
     def _rotate_heads(self, gm: fx.GraphModule, pairs, gen: torch.Generator) -> dict:
         done = []
-        for attn, v_proj, out in pairs:
+        for attn, v_proj, out, rows in pairs:
             val = attn.args[2].meta["val"]
             hd = int(val.shape[-1])
             h = rotation_matrix(hd, gen, random_signs=False)  # H_hd (a Paley-Kronecker Hadamard if hd is not a power of 2)
             vpath, opath = module_path(v_proj), module_path(out)
             vt = _own_param(gm, v_proj, v_proj.args[1], f"{vpath}.weight")
-            wv = attr(gm, vt).detach().to(torch.float64)
-            h = h.to(wv.device)
+            full = attr(gm, vt).detach().to(torch.float64)
+            h = h.to(full.device)
+            wv = full[rows]  # V's rows: all of v_proj, or V's part of a fused qkv_proj
             n_kv = wv.shape[0] // hd
-            wv = wv.reshape(n_kv, hd, -1)
-            _write(gm, vt, torch.einsum("ji,hjc->hic", h, wv).reshape(n_kv * hd, -1))
+            full[rows] = torch.einsum("ji,hjc->hic", h, wv.reshape(n_kv, hd, -1)).reshape(n_kv * hd, -1)
+            _write(gm, vt, full)
             if len(v_proj.args) > 2 and isinstance(v_proj.args[2], fx.Node):
                 bt = _own_param(gm, v_proj, v_proj.args[2], f"{vpath}.bias")
-                bv = attr(gm, bt).detach().to(torch.float64).reshape(n_kv, hd)
-                _write(gm, bt, (bv @ h).reshape(-1))
+                bias = attr(gm, bt).detach().to(torch.float64)
+                bias[rows] = (bias[rows].reshape(n_kv, hd) @ h).reshape(-1)
+                _write(gm, bt, bias)
             ot = _own_param(gm, out, out.args[1], f"{opath}.weight")
             wo = attr(gm, ot).detach().to(torch.float64)
             n_q = wo.shape[1] // hd
@@ -519,7 +521,7 @@ def _residual_plan(gm: fx.GraphModule) -> _ResidualPlan:
 
 def _value_heads_left(gm: fx.GraphModule, pairs) -> list[dict]:
     """The attentions whose value heads the rotation did not reach, each with the reason."""
-    done = {attn for attn, _, _ in pairs}
+    done = {attn for attn, *_ in pairs}
     left = []
     for attn in gm.graph.nodes:
         if attn.op != "call_function" or attn.target != aten.scaled_dot_product_attention.default or attn in done:
@@ -537,18 +539,21 @@ def _value_head_pairs(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node, fx.Nod
     """``(attention, v_proj, out_proj)`` of every attention whose value heads can be rotated."""
     pairs = []
     for out in linear_nodes(gm.graph):
-        av = attention_value_source(out.args[0])
+        av = attention_value_source(out.args[0], fused=True)
         if av is None:
             continue
-        attn, v_proj = av
+        attn, v_proj, rows = av
         if attn.args[2].meta.get("val") is None:
             logger.info("rotation: no shape for %s, value heads not rotated", attn.name)
+            continue
+        if (rows.stop - rows.start) % int(attn.args[2].meta["val"].shape[-1]):
+            logger.info("rotation: V of %s is not whole heads of %s, value heads not rotated", attn.name, v_proj.name)
             continue
         for lin in (v_proj, out):
             _check_param(lin, lin.args[1])
         if len(v_proj.args) > 2 and isinstance(v_proj.args[2], fx.Node):
             _check_param(v_proj, v_proj.args[2])
-        pairs.append((attn, v_proj, out))
+        pairs.append((attn, v_proj, out, rows))
     return pairs
 
 
