@@ -264,12 +264,11 @@ def _narrows_channels(node: fx.Node) -> bool:
     return bool((start or 0) != 0 or (end is not None and end < size))
 
 
-def attention_value_source(node: fx.Node, fused: bool = False) -> tuple[fx.Node, fx.Node] | tuple[fx.Node, fx.Node, slice] | None:
-    """If ``node`` is an attention output, return ``(attention node, v_proj linear)``.
+def attention_value_source(node: fx.Node) -> tuple[fx.Node, fx.Node, slice] | None:
+    """If ``node`` is an attention output, return ``(attention node, v_proj linear, rows)``.
 
-    With ``fused``, V may also be a slice of a fused projection's output channels (Phi-3's
-    ``qkv_proj``): then ``(attention, linear, rows)`` with ``rows`` the Linear's output rows that are
-    V (for the plain case ``rows`` covers all of them). Without it such a V is no match.
+    ``rows`` are the Linear's output rows that are V: all of them for a plain v_proj, V's part of a
+    fused projection whose output V is sliced from (Phi-3's ``qkv_proj``).
     """
     attn = attention_output(node)
     if attn is None:
@@ -279,17 +278,15 @@ def attention_value_source(node: fx.Node, fused: bool = False) -> tuple[fx.Node,
     while value.op == "call_function" and value.target in ops:
         if value.target == aten.slice.Tensor and _narrows_channels(value):
             src = value.args[0]
-            if not (fused and rows is None and is_linear(src) and (len(value.args) < 5 or value.args[4] in (None, 1))):
-                return None  # V is part of a fused projection (Phi-3's qkv_proj): its rows are not all V's
+            if rows is not None or not is_linear(src) or (len(value.args) > 4 and value.args[4] not in (None, 1)):
+                return None  # a narrowing slice that does not pick whole output rows of the Linear itself
             size = src.meta["val"].shape[-1]
             start = value.args[2] if len(value.args) > 2 and value.args[2] is not None else 0
             end = value.args[3] if len(value.args) > 3 and value.args[3] is not None else size
-            rows = slice(int(start) % size if start < 0 else int(start), min(int(end), size))
+            rows = slice(int(start) % size, min(int(end), size))
         value = value.args[0]
     if not is_linear(value):
         return None
-    if not fused:
-        return attn, value
     return attn, value, rows if rows is not None else slice(0, value.meta["val"].shape[-1])
 
 

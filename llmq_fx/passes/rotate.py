@@ -522,14 +522,11 @@ def _residual_plan(gm: fx.GraphModule) -> _ResidualPlan:
 def _value_heads_left(gm: fx.GraphModule, pairs) -> list[dict]:
     """The attentions whose value heads the rotation did not reach, each with the reason."""
     done = {attn for attn, *_ in pairs}
-    left = []
-    for attn in gm.graph.nodes:
-        if attn.op != "call_function" or attn.target != aten.scaled_dot_product_attention.default or attn in done:
-            continue
-        readers = [u for u in attn.users]
-        why = "V is a slice of a fused projection (its rows are not all V's)" if attn.args[2].op == "call_function" else "V is not a Linear output"
-        left.append({"attention": module_path(attn) or attn.name, "why": why, "readers": len(readers)})
-    if not any(n.op == "call_function" and n.target == aten.scaled_dot_product_attention.default for n in gm.graph.nodes):
+    attentions = [n for n in gm.graph.nodes if n.op == "call_function" and n.target == aten.scaled_dot_product_attention.default]
+    left = [{"attention": module_path(a) or a.name,
+             "why": "V does not come from a Linear through views and a slice of whole heads"}
+            for a in attentions if a not in done]
+    if not attentions:
         left.append({"attention": "all", "why": "no scaled_dot_product_attention node (eager matmul/softmax attention, e.g. "
                      "with attention softcapping): value heads and out_proj inputs are not rotated"})
     return left
@@ -539,7 +536,7 @@ def _value_head_pairs(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node, fx.Nod
     """``(attention, v_proj, out_proj)`` of every attention whose value heads can be rotated."""
     pairs = []
     for out in linear_nodes(gm.graph):
-        av = attention_value_source(out.args[0], fused=True)
+        av = attention_value_source(out.args[0])
         if av is None:
             continue
         attn, v_proj, rows = av

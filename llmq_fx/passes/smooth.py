@@ -177,7 +177,9 @@ class SmoothPass(LlmqPass):
 
         av = attention_value_source(producer)
         if av is not None:
-            attn, v_proj = av
+            attn, v_proj, rows = av
+            if rows != slice(0, attr(gm, v_proj.args[1].target).shape[0]):
+                return None, "V is a slice of a fused projection: 1/s would scale its other outputs too"
             if attn.kwargs.get("enable_gqa", False) or attr(gm, v_proj.args[1].target).shape[0] != site.module.num_channels:
                 return None, "grouped-query attention: one V channel feeds several heads' out_proj channels"
             if any(not (u.op == "call_function" and u.target in VIEW_OPS | BROADCAST_OPS) for u in v_proj.users):
