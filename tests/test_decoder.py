@@ -13,6 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import llmq_fx
 from llmq_fx.errors import CheckpointError
 from llmq_fx.export import generate, onnx_qdq_report, quantized_decoder, to_genai, to_onnx
+from llmq_fx.export.genai import genai_config
 from llmq_fx.export.onnx_export import nbits_block_size
 from conftest import STATIC, VOCAB, make_opt
 
@@ -157,7 +158,9 @@ def test_genai_folder_generates_what_the_pytorch_graph_generates(quantized, tmp_
     qgm, model = quantized["qgm"], quantized["model"]
     folder = to_genai(qgm, model, None, tmp_path / "genai", accuracy_level=0, decoder=quantized["dgm"])
     config = json.loads((folder / "genai_config.json").read_text())
-    assert config["model"]["decoder"]["num_hidden_layers"] == 2 and config["search"]["past_present_share_buffer"] is False
+    # Every layer's attention is the fused GroupQueryAttention: genai keeps one cache buffer and the op
+    # writes into it (no copy of the whole cache per token); the greedy tokens below are read through it.
+    assert config["model"]["decoder"]["num_hidden_layers"] == 2 and config["search"]["past_present_share_buffer"] is True
     prompt = [5, 17, 42, 3]
     result = generate(folder, prompt, 16, stop_at_eos=False)
     greedy, ids = [], torch.tensor([prompt])
@@ -191,4 +194,6 @@ def test_attention_with_a_head_size_onnxruntime_refuses_stays_unfused(calib):
     targets = [n.target for n in dgm.graph.nodes]
     assert torch.ops.llmq.group_query_attention.default not in targets
     assert torch.ops.aten.scaled_dot_product_attention.default in targets and torch.ops.llmq.rms_norm.default in targets
+    # The unfused attention concatenates past and new itself: genai must not share one cache buffer.
+    assert genai_config(dgm, model)["search"]["past_present_share_buffer"] is False
 

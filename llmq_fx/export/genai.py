@@ -29,7 +29,7 @@ from torch import fx, nn
 
 from llmq_fx.errors import CheckpointError, ExportError
 
-__all__ = ["to_genai", "generate", "GenerationResult", "GENAI_CONFIG", "is_genai_folder"]
+__all__ = ["to_genai", "generate", "GenerationResult", "GENAI_CONFIG", "is_genai_folder", "shares_cache_buffer"]
 
 logger = logging.getLogger(__name__)
 
@@ -148,13 +148,30 @@ def genai_config(dgm: fx.GraphModule, model: nn.Module) -> dict:
             "no_repeat_ngram_size": 0,
             "num_beams": 1,
             "num_return_sequences": 1,
-            "past_present_share_buffer": False,
+            "past_present_share_buffer": shares_cache_buffer(dgm),
             "repetition_penalty": 1.0,
             "temperature": 1.0,
             "top_k": 1,
             "top_p": 1.0,
         },
     }
+
+
+def shares_cache_buffer(dgm: fx.GraphModule) -> bool:
+    """Whether onnxruntime-genai may keep each layer's past and present KV cache in one buffer
+    (``past_present_share_buffer``): only when every layer's attention is the fused
+    ``GroupQueryAttention``, which writes the new keys/values into the cache in place and takes the
+    valid lengths from the attention mask, not from the cache's shape. Otherwise (unfused attention,
+    the ``qdq`` format) the graph concatenates past and new, and genai must hand it a cache of exactly
+    the past length, copying it into a grown buffer at every step (the whole cache per token)."""
+    import torch
+
+    from llmq_fx import ops  # noqa: F401  (registers torch.ops.llmq)
+    from llmq_fx.capture import DecoderSpec
+
+    spec = DecoderSpec(**dgm.meta["llmq_fx"]["decoder"])
+    fused = sum(1 for n in dgm.graph.nodes if n.target is torch.ops.llmq.group_query_attention.default)
+    return fused == spec.num_layers
 
 
 def is_genai_folder(folder: str | os.PathLike) -> bool:
