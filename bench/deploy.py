@@ -15,7 +15,9 @@ For each model, one onnxruntime-genai folder per row, each built in this run:
   builder, ``python -m onnxruntime_genai.models.builder -i HF_FOLDER -o OUT -p int4 -e cpu`` on the
   same weights saved as a Hugging Face folder;
 * ``ours-w4a4``: ``QuantConfig()`` (the default recipe), ``to_genai`` in the ``fast`` format;
-* ``ours-w4a4-acc4``: the same quantized graph exported with MatMulNBits ``accuracy_level`` 4;
+* ``ours-w4a4-acc0``: the same quantized graph exported with MatMulNBits ``accuracy_level`` 0 (float
+  math on the dequantized weights: the PyTorch graph's numbers; the default, 4, requantizes each
+  MatMulNBits input to int8 per block);
 * ``ours-w4a16``: ``{"a_bits": null}`` (rotation + GPTQ weights, activations float), exported the same way.
 
 Every row is measured in child processes with the same onnxruntime thread count (``--threads``, set in
@@ -53,7 +55,7 @@ import time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
-ROWS = ("float", "ort-matmulnbits", "genai-builder-int4", "ours-w4a4", "ours-w4a4-acc4", "ours-w4a16")
+ROWS = ("float", "ort-matmulnbits", "genai-builder-int4", "ours-w4a4", "ours-w4a4-acc0", "ours-w4a16")
 _LLAMA_FAMILY = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text", "granite", "olmo"}
 MIB = 2**20
 _T0 = time.perf_counter()
@@ -241,7 +243,7 @@ def build_model_rows(name: str, rows: list[str], args, work: Path) -> tuple[dict
                                             "ppl_torch": perplexity(qgm, tokens, args.seq_len, args.eval_windows).ppl,
                                             "decoder": quantized_decoder(qgm, model)}
             q = facts["_quantized"][key]
-            to_genai(q["qgm"], model, tokenizer, out, accuracy_level=4 if row.endswith("acc4") else 0, decoder=q["decoder"])
+            to_genai(q["qgm"], model, tokenizer, out, accuracy_level=0 if row.endswith("acc0") else 4, decoder=q["decoder"])
             fact.update(ppl_torch=q["ppl_torch"], quantize_s=q["quantize_s"], config=q["qgm"].meta["llmq_fx"]["config"],
                         recipe=llmq_fx.recipe(q["qgm"].meta["llmq_fx"]["config"]).summary())
         fact["build_s"] = time.perf_counter() - t0

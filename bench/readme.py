@@ -105,7 +105,7 @@ def readme_block(report: dict) -> str:
 
 _DEPLOY_ROWS = {"float": "float32", "ort-matmulnbits": "onnxruntime `MatMulNBitsQuantizer` W4",
                 "genai-builder-int4": "onnxruntime-genai builder int4", "ours-w4a4": "**ours W4A4**",
-                "ours-w4a4-acc4": "ours W4A4, accuracy level 4", "ours-w4a16": "ours W4A16 (weight-only)"}
+                "ours-w4a4-acc0": "ours W4A4, accuracy level 0", "ours-w4a16": "ours W4A16 (weight-only)"}
 
 
 def deploy_block(report: dict) -> str:

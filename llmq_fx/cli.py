@@ -451,8 +451,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--no-onnx", action="store_true", help="skip the ONNX export (no onnxruntime-genai folder)")
     q.add_argument("--onnx-format", choices=["fast", "qdq"], default="fast",
                    help="fast: MatMulNBits 4-bit weights (default); qdq: standard QuantizeLinear/DequantizeLinear only")
-    q.add_argument("--accuracy-level", type=int, choices=[0, 1, 4], default=0,
-                   help="MatMulNBits accuracy_level (0: float math, the PyTorch graph's numbers; 4: int8 inputs)")
+    q.add_argument("--accuracy-level", type=int, choices=[0, 1, 4], default=4,
+                   help="MatMulNBits accuracy_level (4, default: the kernel quantizes its float input to int8 per block and multiplies in integers, faster; 0: float math on the dequantized weights, the PyTorch graph's numbers)")
     q.add_argument("--float-onnx", action="store_true", help="also write the float model's folder (DIR/float) to compare")
     q.add_argument("--latency-runs", type=int, default=5, help="timed runs per model for the latency table (0: none)")
     q.add_argument("--quiet", action="store_true")
@@ -484,7 +484,7 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--out", help="the folder to write into (default: the folder of graph.pt2)")
     x.add_argument("--model", help="the float model (default: the one named in report.json)")
     x.add_argument("--onnx-format", choices=["fast", "qdq"], default="fast")
-    x.add_argument("--accuracy-level", type=int, choices=[0, 1, 4], default=0)
+    x.add_argument("--accuracy-level", type=int, choices=[0, 1, 4], default=4)
     x.set_defaults(func=_cmd_export)
 
     g = sub.add_parser("generate", help="greedy text generation with onnxruntime-genai from a quantize output folder")

@@ -185,8 +185,10 @@ def test_quantize_writes_an_onnxruntime_genai_folder_that_generates(tmp_path, ca
     assert {"model.onnx", "genai_config.json", "tokenizer.json", "graph.pt2"} <= {p.name for p in out.iterdir()}
     assert report["onnx"]["format"] == "fast" and report["onnx"]["matmul_nbits_bits"] == {"4": 12, "8": 1}  # 2 x 6 + lm_head
     assert report["onnx"]["op_types"]["GatherBlockQuantized"] == 1
-    # the decoder's first step is the prefill-only graph: same perplexity as PyTorch (exact math at accuracy level 0)
-    assert abs(report["eval"]["onnxruntime"]["ppl"] / report["eval"]["quantized"]["ppl"] - 1) < 1e-4
+    # Accuracy level 4 by default: MatMulNBits requantizes its inputs to int8 per block, within 1% of the
+    # PyTorch graph's perplexity (the exact level-0 decoder is tested in test_decoder.py)
+    assert report["onnx"]["accuracy_level"] == 4
+    assert abs(report["eval"]["onnxruntime"]["ppl"] / report["eval"]["quantized"]["ppl"] - 1) < 0.01
     capsys.readouterr()
     assert main(["generate", str(out), "--prompt", "The function", "--max-new-tokens", "8", "--quiet"]) == 0
     captured = capsys.readouterr()

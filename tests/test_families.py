@@ -93,7 +93,9 @@ def test_default_w4a4_quantizes_and_exports(family, tmp_path):
     with torch.no_grad():
         out = qgm(IDS[:1])
     assert torch.isfinite(out).all() and _relative(out, ref) < 0.5, name
-    path = to_onnx(qgm, tmp_path / f"{name}.onnx")
+    # Accuracy level 0: MatMulNBits multiplies the graph's own activations (level 4, the default,
+    # requantizes them to int8 and moves these random-init logits further).
+    path = to_onnx(qgm, tmp_path / f"{name}.onnx", accuracy_level=0)
     ort = torch.as_tensor(OnnxCausalLM(path)(IDS[:1]))
     # Same numbers up to 4-bit rounding flips (another float order); top-1 mostly kept.
     assert _relative(ort, out) < 0.15 and (ort.argmax(-1) == out.argmax(-1)).float().mean() >= 0.75, name

@@ -45,7 +45,7 @@ def to_genai(
     tokenizer,
     folder: str | os.PathLike,
     format: str = "fast",
-    accuracy_level: int = 0,
+    accuracy_level: int = 4,
     decoder: fx.GraphModule | None = None,
 ) -> Path:
     """Write an onnxruntime-genai folder for ``qgm`` (the result of ``llmq_fx.quantize`` on ``model``).

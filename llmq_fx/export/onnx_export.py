@@ -82,7 +82,7 @@ def to_onnx(
     example_input_ids: torch.Tensor | None = None,
     external_data: bool | None = None,
     format: str = "fast",
-    accuracy_level: int = 0,
+    accuracy_level: int = 4,
 ) -> Path:
     """Export ``gm`` to an ONNX file.
 

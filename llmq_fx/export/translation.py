@@ -143,11 +143,10 @@ def _dynamic_rows(x, channels: int, spec: ActivationSpec, integer_codes: bool = 
         zero_point = zero
     else:
         scale = op.Max(op.Div(op.Sub(hi, lo), op.Constant(value_float=float(qmax - qmin))), eps)
-        zero_point = op.Clip(
-            op.Round(op.Sub(op.Constant(value_float=float(qmin)), op.Div(lo, scale))),
-            op.Constant(value_float=float(qmin)),
-            op.Constant(value_float=float(qmax)),
-        )
+        # qmath clamps this to [qmin, qmax]; here that clamp is a no-op, so it is left out (one node
+        # per site, which decode pays for): lo <= 0 <= hi and scale >= (hi - lo) / (qmax - qmin) give
+        # -lo / scale in [0, qmax - qmin], so qmin - lo / scale rounds into [qmin, qmax].
+        zero_point = op.Round(op.Sub(op.Constant(value_float=float(qmin)), op.Div(lo, scale)))
     if not integer_codes:
         return _fake_quantize(x, scale, None if symmetric else zero_point, qmin, qmax)
     if (qmin, qmax) != (type_min, type_max):
