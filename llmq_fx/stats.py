@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from llmq_fx import qmath
 from llmq_fx.errors import StatisticsError
 from llmq_fx.spec import ActivationSpec
 
@@ -109,13 +110,14 @@ class ActivationObserver(nn.Module):
         # One batch's moments in float32 around its own mean (no catastrophic cancellation, and
         # float32 keeps calibration close to the cost of the forward pass); batches merge in float64.
         flat = flat.float()
+        # GPTQ's moments at float32 accuracy, also when calibration runs with TF32 products.
         if self.input_quant is not None:
             q = self.input_quant(flat)
-            self.hessian.addmm_(q.T, q)
-            self.cross.addmm_(q.T, flat)
+            qmath.add_gram_(self.hessian, q, q)
+            qmath.add_gram_(self.cross, q, flat)
         elif self.track_hessian:
-            # A sum, not a running mean: one addmm per batch and no host sync; hessian_matrix() divides.
-            self.hessian.addmm_(flat.T, flat)
+            # A sum, not a running mean: one product per batch and no host sync; hessian_matrix() divides.
+            qmath.add_gram_(self.hessian, flat, flat)
         bmin, bmax = torch.aminmax(flat, dim=0)
         mean32 = flat.mean(dim=0)
         centered = flat - mean32

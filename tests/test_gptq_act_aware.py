@@ -10,6 +10,7 @@ import torch
 import llmq_fx
 from llmq_fx import qmath
 from llmq_fx.calibrate import calibrate
+from llmq_fx.errors import StatisticsError
 from llmq_fx.graph import observer_sites
 from llmq_fx.passes import GPTQPass, InsertObserversPass
 from llmq_fx.spec import ActivationSpec, WeightSpec
@@ -150,3 +151,27 @@ def test_gptq_releases_each_sites_moments_once_used(opt_gm, calib):
         quantized = any(p != "lm_head" for p in s.record.consumers)
         assert ("hessian" in buffers) == (not quantized), s.name  # lm_head's site was not used: kept
         assert s.module.stats().count > 0  # the channel statistics stay for InsertQDQPass
+
+
+def test_act_aware_target_retries_with_more_damping(caplog):
+    """A Hessian that rounding left slightly indefinite (one eigenvalue -5% of the mean diagonal): the
+    asked dampening (1%) is not enough, 10x is; the solve says so and still returns the target. A
+    hopeless one is one line naming the dampenings tried."""
+    g = torch.Generator().manual_seed(0)
+    basis, _ = torch.linalg.qr(torch.randn(16, 16, generator=g, dtype=torch.float64))
+    eig = torch.ones(16, dtype=torch.float64)
+    eig[0] = -0.05
+    h = (basis * eig) @ basis.T
+    w = torch.randn(8, 16, generator=g)
+    with pytest.raises(torch.linalg.LinAlgError):
+        torch.linalg.cholesky(h + 0.01 * h.diagonal().mean() * torch.eye(16, dtype=torch.float64))
+    with caplog.at_level("WARNING", logger="llmq_fx.qmath"):
+        v = qmath.input_aware_weight(w, h.float(), h.float(), 1.0, damp=0.01)
+    assert torch.isfinite(v).all() and "act-aware target: Hessian needed dampening 0.1 (asked 0.01)" in caplog.text
+    # Against the solve with that dampening, done independently in float64.
+    damped = h + 0.1 * h.diagonal().mean() * torch.eye(16, dtype=torch.float64)
+    expected = torch.linalg.solve(damped, h @ w.double().T).T
+    assert torch.allclose(v.double(), expected, rtol=1e-4, atol=1e-5)
+    eig[0] = -1e6
+    with pytest.raises(StatisticsError, match="act-aware target: the Hessian is not positive definite even with dampening 0.01, 0.1, 1, 10"):
+        qmath.input_aware_weight(w, ((basis * eig) @ basis.T).float(), h.float(), 1.0, damp=0.01)

@@ -37,3 +37,4 @@ def test_kernel_matches_the_pytorch_loop(monkeypatch, group_size, cols):
     assert same > 0.995, same  # a code on a rounding boundary may move with a fused multiply-add
     err = [((w - qmath.dequantize_weight(*r)) @ h * (w - qmath.dequantize_weight(*r))).sum().item() for r in (fast, slow)]
     assert err[0] == pytest.approx(err[1], rel=0.01)
+

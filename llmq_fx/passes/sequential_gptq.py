@@ -119,10 +119,10 @@ class SequentialGPTQPass(CalibratedPass, GPTQPass):
             hessian = torch.zeros(channels, channels, dtype=torch.float32, device=device)
             cross = torch.zeros_like(hessian)
             outputs, tokens = [], 0
-            for x_ref, x_q in zip(inputs.ref, inputs.quant):
+            for x_ref, x_q in zip(inputs.ref, inputs.quant):  # GPTQ's moments at float32 accuracy
                 q = quant(x_q.reshape(-1, channels).float())
-                hessian.addmm_(q.T, q)
-                cross.addmm_(q.T, x_ref.reshape(-1, channels).float())
+                qmath.add_gram_(hessian, q, q)
+                qmath.add_gram_(cross, q, x_ref.reshape(-1, channels).float())
                 outputs.append(q.reshape(x_q.shape).to(x_q.dtype))
                 tokens += q.shape[0]
             hessian /= tokens
