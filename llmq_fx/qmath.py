@@ -434,9 +434,11 @@ def input_aware_weight(
     return (w + strength * (target - w)).to(torch.float32)
 
 
-def _damped_cholesky(h: torch.Tensor, damp: float, what: str) -> torch.Tensor:
-    """Lower Cholesky factor of ``H + lambda I``, ``lambda = damp * mean(diag H)``, retried with more
-    damping (as GPTQ's inverse below) when rounding left ``H`` short of positive definite."""
+def _damped(h: torch.Tensor, damp: float, finish, what: str = "") -> torch.Tensor:
+    """``finish(L)`` for the lower Cholesky factor ``L`` of ``H + lambda I``, ``lambda = damp *
+    mean(diag H)``, retried with more damping when rounding left ``H`` short of positive definite
+    (``finish`` returns None when its own factorization fails, which also retries)."""
+    who = f"GPTQ {what}" if what else "GPTQ"
     mean_diag = torch.diagonal(h).mean()
     eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     tried = []
@@ -444,32 +446,27 @@ def _damped_cholesky(h: torch.Tensor, damp: float, what: str) -> torch.Tensor:
         d = damp if factor == 1 else max(damp, 1e-3) * factor
         tried.append(d)
         lower, info = torch.linalg.cholesky_ex(h + d * mean_diag * eye)
-        if int(info) == 0 and bool(torch.isfinite(lower).all()):
+        out = finish(lower) if int(info) == 0 else None
+        if out is not None and bool(torch.isfinite(out).all()):
             if factor != 1:
-                logger.warning("GPTQ %s: Hessian needed dampening %g (asked %g) to be positive definite", what, d, damp)
-            return lower
+                logger.warning("%s: Hessian needed dampening %g (asked %g) to be positive definite", who, d, damp)
+            return out
     raise StatisticsError(
-        f"GPTQ {what}: the Hessian is not positive definite even with dampening {', '.join(f'{d:g}' for d in tried)} "
+        f"{who}: the Hessian is not positive definite even with dampening {', '.join(f'{d:g}' for d in tried)} "
         "x mean(diag H); calibrate on more tokens or raise 'gptq_damp'"
     )
+
+
+def _damped_cholesky(h: torch.Tensor, damp: float, what: str) -> torch.Tensor:
+    """Lower Cholesky factor of ``H + lambda I``, retried with more damping (``_damped``)."""
+    return _damped(h, damp, lambda lower: lower, what)
 
 
 def _upper_cholesky_of_inverse(h: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper ``U`` with ``U^T U = (H + lambda I)^-1``, ``lambda = damp * mean(diag H)``, retried with more damping."""
-    mean_diag = torch.diagonal(h).mean()
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    tried = []
-    for factor in _GPTQ_DAMP_RETRIES:
-        d = damp if factor == 1 else max(damp, 1e-3) * factor
-        tried.append(d)
-        lower, info = torch.linalg.cholesky_ex(h + d * mean_diag * eye)
-        if int(info) == 0:
-            u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
-            if int(info) == 0 and bool(torch.isfinite(u).all()):
-                if factor != 1:
-                    logger.warning("GPTQ: Hessian needed dampening %g (asked %g) to be positive definite", d, damp)
-                return u
-    raise StatisticsError(
-        f"GPTQ: the Hessian is not positive definite even with dampening {', '.join(f'{d:g}' for d in tried)} "
-        "x mean(diag H); calibrate on more tokens or raise 'gptq_damp'"
-    )
+
+    def upper_of_inverse(lower):
+        u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+        return u if int(info) == 0 else None
+
+    return _damped(h, damp, upper_of_inverse)
