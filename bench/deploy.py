@@ -14,7 +14,8 @@ For each model, one onnxruntime-genai folder per row, each built in this run:
 * ``genai-builder-int4`` (Llama-family models only; the builder has no OPT): onnxruntime-genai's model
   builder, ``python -m onnxruntime_genai.models.builder -i HF_FOLDER -o OUT -p int4 -e cpu`` on the
   same weights saved as a Hugging Face folder;
-* ``ours-w4a4``: ``QuantConfig()`` (the default recipe), ``to_genai`` in the ``fast`` format;
+* ``ours-w4a4``: ``QuantConfig()`` (the default recipe), ``to_genai`` in the ``fast`` format (MatMulNBits
+  ``accuracy_level`` 4, the default);
 * ``ours-w4a4-acc0``: the same quantized graph exported with MatMulNBits ``accuracy_level`` 0 (float
   math on the dequantized weights: the PyTorch graph's numbers; the default, 4, requantizes each
   MatMulNBits input to int8 per block);
