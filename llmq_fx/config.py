@@ -54,6 +54,10 @@ class QuantConfig:
             weights, with online Hadamard nodes before fc2/down_proj (``RotatePass``). ``"auto"``
             rotates where the graph allows it (pre-norm blocks) and otherwise goes on unrotated
             with a warning (OPT-350m's post-LayerNorm); ``true`` makes that an error.
+        sort_residual: after the rotation, order the residual basis by channel range (one
+            permutation for the whole model, folded into the weights: no node added), so each group
+            of ``a_group_size`` channels at the norm outputs holds channels of similar range
+            (``SortResidualPass``; RPTQ's reordering in the rotated basis).
         gptq: GPTQ weight quantization (error compensation with the calibration Hessian) instead of
             round-to-nearest; ``gptq_act_order``, ``gptq_damp`` (fraction of the mean Hessian
             diagonal added) and ``gptq_block_size`` (columns per lazy batch) as in the GPTQ paper.
@@ -101,6 +105,7 @@ class QuantConfig:
     a_outlier_bits: int | None = None
     a_outlier_clusters: int = 1
     rotate: bool | str = "auto"
+    sort_residual: bool = False
     gptq: bool = True
     gptq_act_order: bool = True
     gptq_damp: float = 0.01

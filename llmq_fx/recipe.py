@@ -29,6 +29,7 @@ from llmq_fx.passes.quantize_embeddings import QuantizeEmbeddingsPass
 from llmq_fx.passes.rotate import RotatePass
 from llmq_fx.passes.sequential_gptq import SequentialGPTQPass
 from llmq_fx.passes.smooth import SmoothPass
+from llmq_fx.passes.sort_residual import SortResidualPass
 
 __all__ = ["recipe", "Recipe", "PIPELINE"]
 
@@ -36,6 +37,7 @@ __all__ = ["recipe", "Recipe", "PIPELINE"]
 # CalibratePass (then Smooth/Group/GPTQ on the recorded statistics) or SequentialGPTQPass.
 PIPELINE: tuple[type[LlmqPass], ...] = (
     RotatePass,
+    SortResidualPass,
     InsertObserversPass,
     CalibratePass,
     SequentialGPTQPass,

@@ -10,12 +10,15 @@ from llmq_fx.passes.quantize_embeddings import EmbeddingsOptions, QuantizeEmbedd
 from llmq_fx.passes.rotate import RotateOptions, RotatePass
 from llmq_fx.passes.sequential_gptq import SequentialGPTQOptions, SequentialGPTQPass
 from llmq_fx.passes.smooth import SmoothOptions, SmoothPass, smoothing_scales
+from llmq_fx.passes.sort_residual import SortResidualOptions, SortResidualPass
 
 __all__ = [
     "LlmqPass",
     "CalibratedPass",
     "RotatePass",
     "RotateOptions",
+    "SortResidualPass",
+    "SortResidualOptions",
     "InsertObserversPass",
     "ObserveOptions",
     "CalibratePass",

@@ -290,6 +290,10 @@ class RotatePass(LlmqPass):
         full_hadamard = bool(torch.allclose(q.abs(), torch.full_like(q, d**-0.5), rtol=0, atol=1e-12))
         center = kind == "layer_norm"
 
+        # Where the residual basis now lives (SortResidualPass permutes it): last-axis tensors
+        # (embedding tables, readers' weights, norm weights, the online rotation) and first-axis ones
+        # (writers' weights and biases).
+        basis = {"last_axis": [], "first_axis": []}
         for w in writers:
             if w.target == aten.embedding.default:
                 target = _own_param(gm, w, w.args[0], _embedding_path(w))
@@ -297,6 +301,7 @@ class RotatePass(LlmqPass):
                 if center:
                     e = e - e.mean(dim=1, keepdim=True)
                 _write(gm, target, e @ q)
+                basis["last_axis"].append(target)
             else:
                 path = module_path(w)
                 wt = _own_param(gm, w, w.args[1], f"{path}.weight")
@@ -304,12 +309,14 @@ class RotatePass(LlmqPass):
                 if center:
                     wm = wm - wm.mean(dim=0, keepdim=True)
                 _write(gm, wt, q.T @ wm)
+                basis["first_axis"].append(wt)
                 if len(w.args) > 2 and isinstance(w.args[2], fx.Node):
                     bt = _own_param(gm, w, w.args[2], f"{path}.bias")
                     b = attr(gm, bt).detach().to(torch.float64)
                     if center:
                         b = b - b.mean()
                     _write(gm, bt, q.T @ b)
+                    basis["first_axis"].append(bt)
         for lin, na in readers:
             path = module_path(lin)
             wt = _own_param(gm, lin, lin.args[1], f"{path}.weight")
@@ -323,6 +330,8 @@ class RotatePass(LlmqPass):
                 extra = wm @ beta
                 bias = extra if bias is None else bias + extra
             _write(gm, wt, (wm * g[None, :]) @ q)
+            basis["last_axis"].append(wt)
+            basis.setdefault("readers", []).append(wt)
             if bias is not None:
                 if len(lin.args) > 2 and isinstance(lin.args[2], fx.Node):
                     _write(gm, lin.args[2].target, bias)
@@ -335,11 +344,13 @@ class RotatePass(LlmqPass):
         for na in norms:
             ref = attr(gm, na.weight.target)
             _write(gm, na.weight.target, torch.full_like(ref, 1.0 - na.offset, dtype=torch.float64))  # weight + offset = 1
+            basis["last_axis"].append(na.weight.target)
             if na.kind == "layer_norm":
                 _layer_norm_to_rms(gm, na)
         online = []
         if plan.post_norms:
             set_attr(gm, "llmq_rotation_residual", q.to(attr(gm, norms[0].weight.target).dtype).contiguous())
+            basis["last_axis"].append("llmq_rotation_residual")
             for na in plan.post_norms:  # residual += norm(y) @ Q: the norm's own weight stays elementwise
                 with gm.graph.inserting_after(na.node):
                     q_node = gm.graph.get_attr("llmq_rotation_residual")
@@ -349,6 +360,7 @@ class RotatePass(LlmqPass):
                 rotated.meta[ONLINE_ROTATION_META] = True
                 rotated.meta["nn_module_stack"] = na.node.meta.get("nn_module_stack", {})
                 online.append(na.node.meta.get("nn_module_stack") and module_path(na.node) or na.node.name)
+        gm.meta.setdefault("llmq_fx", {})["residual_basis"] = {k: list(dict.fromkeys(v)) for k, v in basis.items()}
         return {"dim": d, "norm": kind, "centered": center, "full_hadamard": full_hadamard,
                 "writers": len(writers), "readers": len(readers), "online_after_norms": online,
                 "norms_left_alone": [module_path(na.node) or na.node.name for na in plan.head_norms]}

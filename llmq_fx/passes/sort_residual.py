@@ -1,0 +1,104 @@
+"""Residual channel sorting pass: after the rotation, order the residual basis by channel range, so that
+each contiguous group of a dynamic activation quantizer gathers channels of similar magnitude.
+
+Pattern: the residual basis a ``RotatePass`` recorded (``gm.meta["llmq_fx"]["residual_basis"]``: the
+embedding tables, the readers' weights after the norms, the writers' weights and biases, the norm
+weights, an online rotation after post-norms) and the Linears that read the stream after a norm.
+
+Rewrite: one permutation ``P`` of the residual channels for the whole model (the stream is shared by
+every layer), folded into those tensors exactly as the rotation was (``Q -> Q P``): readers' and
+embedding columns, writers' rows. The float model's output is unchanged (to float rounding); no node is
+added. ``P`` sorts the channels by their largest magnitude at the readers' inputs over the first
+calibration batches (each site's maxima divided by their mean, then averaged over the sites), so that,
+with activations quantized in groups of ``G`` contiguous channels (RPTQ's reordering, here with the
+rotation's basis), a group holds channels of similar range. Activations at other sites (attention
+output, MLP down projection) are not in the residual basis and keep their order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+from torch.fx.passes.infra.pass_base import PassResult
+
+from llmq_fx.errors import ConfigError
+from llmq_fx.graph import attr, is_linear
+from llmq_fx.passes.base import CalibratedPass
+
+__all__ = ["SortResidualPass", "SortResidualOptions"]
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class SortResidualOptions:
+    """Options of ``SortResidualPass``: statistics from the first ``batches`` calibration batches."""
+
+    batches: int = 2
+
+
+class SortResidualPass(CalibratedPass):
+    """Permute the rotated residual basis so that channels of similar range are contiguous."""
+
+    Options = SortResidualOptions
+    stage = "sort"
+
+    @classmethod
+    def from_config(cls, config) -> "SortResidualPass | None":
+        if not config.sort_residual:
+            return None
+        if config.rotate is False:
+            raise ConfigError("config key 'sort_residual' permutes the rotated residual basis: it needs 'rotate'")
+        return cls(SortResidualOptions())
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        meta = gm.meta.setdefault("llmq_fx", {})
+        basis = meta.get("residual_basis")
+        if not basis or not basis.get("readers"):
+            meta["residual_sort"] = {"sorted": False, "reason": "no rotated residual stream (rotation skipped)"}
+            return PassResult(gm, False)
+        readers = set(basis["readers"])
+        score = self._channel_score(gm, readers)
+        perm = torch.argsort(score.cpu(), stable=True)
+        done: set[int] = set()  # a tensor behind two names (tied weights) is permuted once
+        with torch.no_grad():
+            for axis, targets in ((-1, basis["last_axis"]), (0, basis["first_axis"])):
+                for target in targets:
+                    t = attr(gm, target)
+                    if id(t) in done:
+                        continue
+                    done.add(id(t))
+                    t.data = t.data.index_select(axis % t.dim(), perm.to(t.device)).contiguous()
+        meta["residual_sort"] = {"sorted": True, "channels": int(perm.numel()), "sites": len(readers),
+                                 "range_min": float(score.min()), "range_max": float(score.max())}
+        gm.recompile()
+        return PassResult(gm, True)
+
+    @torch.no_grad()
+    def _channel_score(self, gm: fx.GraphModule, readers: set[str]) -> torch.Tensor:
+        """Per residual channel: its largest magnitude at each reader's input, divided by that input's
+        mean over channels, averaged over the inputs (each input counted once)."""
+        maxima: dict[fx.Node, torch.Tensor] = {}
+        inputs = {n.args[0] for n in gm.graph.nodes
+                  if is_linear(n) and isinstance(n.args[1], fx.Node) and n.args[1].op == "get_attr"
+                  and n.args[1].target in readers}
+
+        class Recorder(fx.Interpreter):
+            def run_node(self, n):
+                out = super().run_node(n)
+                if n in inputs:
+                    m = out.detach().abs().reshape(-1, out.shape[-1]).amax(0).float()
+                    maxima[n] = m if n not in maxima else torch.maximum(maxima[n], m)
+                return out
+
+        for batch in self._require_batches()[: self.options.batches]:
+            Recorder(gm).run(batch.to(_device(gm)))
+        if not maxima:
+            raise ConfigError("sort_residual: no calibration batch reached the residual readers")
+        return torch.stack([m / m.mean().clamp_min(1e-30) for m in maxima.values()]).mean(0)
+
+
+def _device(gm: fx.GraphModule) -> torch.device:
+    return next((t.device for t in gm.parameters()), next((b.device for b in gm.buffers()), torch.device("cpu")))
