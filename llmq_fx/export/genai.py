@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from torch import fx, nn
 
 from llmq_fx.errors import CheckpointError, ExportError
@@ -164,8 +165,6 @@ def shares_cache_buffer(dgm: fx.GraphModule) -> bool:
     valid lengths from the attention mask, not from the cache's shape. Otherwise (unfused attention,
     the ``qdq`` format) the graph concatenates past and new, and genai must hand it a cache of exactly
     the past length, copying it into a grown buffer at every step (the whole cache per token)."""
-    import torch
-
     from llmq_fx import ops  # noqa: F401  (registers torch.ops.llmq)
     from llmq_fx.capture import DecoderSpec
 

@@ -29,8 +29,6 @@ from llmq_fx.passes.base import CalibratedPass
 
 __all__ = ["SortResidualPass", "SortResidualOptions"]
 
-aten = torch.ops.aten
-
 
 @dataclass(frozen=True)
 class SortResidualOptions:
@@ -93,12 +91,10 @@ class SortResidualPass(CalibratedPass):
                     maxima[n] = m if n not in maxima else torch.maximum(maxima[n], m)
                 return out
 
+        device = next((p.device for p in gm.parameters()), torch.device("cpu"))
         for batch in self._require_batches()[: self.options.batches]:
-            Recorder(gm).run(batch.to(_device(gm)))
+            Recorder(gm).run(batch.to(device))
         if not maxima:
             raise ConfigError("sort_residual: no calibration batch reached the residual readers")
         return torch.stack([m / m.mean().clamp_min(1e-30) for m in maxima.values()]).mean(0)
 
-
-def _device(gm: fx.GraphModule) -> torch.device:
-    return next((t.device for t in gm.parameters()), next((b.device for b in gm.buffers()), torch.device("cpu")))
