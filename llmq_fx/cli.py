@@ -118,6 +118,8 @@ def _cmd_quantize(args) -> int:
             + ("a_bits: null" if config.a_bits is None else "a_dynamic: true (per-token ranges, no clusters)")
             + "; pass --config with a_dynamic: false"
         )
+    if args.host_weights and args.device == "cpu":
+        raise llmq_fx.ConfigError("--host-weights keeps the model on the host and quantizes it on --device: pass --device cuda")
     passes = llmq_fx.recipe(config)
     out = Path(args.out)
     timings: dict[str, float] = {}
@@ -125,7 +127,8 @@ def _cmd_quantize(args) -> int:
     # Everything that can fail on the user's inputs fails here, before any file is written.
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model)
-    model.to(args.device)
+    if not args.host_weights:
+        model.to(args.device)
     timings["load"] = time.perf_counter() - t0
     if is_token_file(args.calib):
         calib = _tokens(args.calib, tokenizer, model, two_d=True)
@@ -140,7 +143,7 @@ def _cmd_quantize(args) -> int:
         t0 = time.perf_counter()
         gm = llmq_fx.trace(model)
         timings["trace"] = time.perf_counter() - t0
-        qgm = llmq_fx.quantize(gm, calib.to(args.device), config, progress=not args.quiet)
+        qgm = llmq_fx.quantize(gm, calib, config, progress=not args.quiet, device=args.device)
         timings.update(qgm.meta["llmq_fx"]["timings_s"])
         (stage / "graph.txt").write_text(str(qgm.graph))
         _write_site_stats(qgm, stage / "stats.safetensors")
@@ -448,6 +451,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--cluster-sweep", type=int, nargs="+", metavar="K",
                    help="with --eval: also quantize with each n_clusters K and record perplexity (for plots)")
     q.add_argument("--device", default="cpu")
+    q.add_argument("--host-weights", action="store_true",
+                   help="keep the model on the host and quantize it layer by layer on --device (each weight moved there "
+                        "while the GPTQ walk reads it): device memory for one layer and the calibration activations")
     q.add_argument("--no-onnx", action="store_true", help="skip the ONNX export (no onnxruntime-genai folder)")
     q.add_argument("--onnx-format", choices=["fast", "qdq"], default="fast",
                    help="fast: MatMulNBits 4-bit weights (default); qdq: standard QuantizeLinear/DequantizeLinear only")

@@ -21,6 +21,7 @@ SITE_ROLES = ("qkv", "out_proj", "fc1", "fc2", "other")
 _SMOOTHABLE = ("qkv", "fc1", "fc2", "out_proj")
 _FEATURES = ("minmax", "maxstd")
 CALIB_PRECISIONS = ("float32", "tf32")
+CALIB_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass
@@ -88,6 +89,9 @@ class QuantConfig:
             "float32", or "tf32" (TensorFloat-32 inputs, float32 accumulation). GPTQ's own math
             (Cholesky, column loop, act-aware target) stays float32 either way. On the CPU there
             is no TF32 and both compute in float32.
+        calib_dtype: the dtype the sequential GPTQ walk carries its two lanes of activations in:
+            "float32", or "bfloat16" (CUDA only: half the activation memory; weights are cast as
+            they are used, GPTQ's moments and math stay float32).
     """
 
     w_bits: int | None = 4
@@ -122,6 +126,7 @@ class QuantConfig:
     kmeans_n_init: int = 4
     calib_batch_size: int = 4
     calib_precision: str = "tf32"
+    calib_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -183,6 +188,13 @@ class QuantConfig:
                 raise ConfigError(f"config key {key!r} must be a positive integer, got {v!r}")
         if self.calib_precision not in CALIB_PRECISIONS:
             raise ConfigError(f"config key 'calib_precision' must be one of {list(CALIB_PRECISIONS)}, got {self.calib_precision!r}")
+        if self.calib_dtype not in CALIB_DTYPES:
+            raise ConfigError(f"config key 'calib_dtype' must be one of {list(CALIB_DTYPES)}, got {self.calib_dtype!r}")
+        if self.calib_dtype != "float32" and not self.runs_sequential_gptq():
+            raise ConfigError(
+                f"config key 'calib_dtype'={self.calib_dtype!r} applies to the sequential GPTQ walk, which this config "
+                "does not run (it calibrates in float32): set calib_dtype to 'float32'"
+            )
         if self.a_outlier_bits is not None and self.a_bits is None:
             raise ConfigError("config key 'a_outlier_bits' needs quantized activations; 'a_bits' is null")
         if self.a_outlier_bits is not None and self.a_dynamic:

@@ -27,6 +27,7 @@ __all__ = [
     "module_path",
     "attr",
     "set_attr",
+    "compute_device",
     "observer_sites",
     "norm_affine",
     "site_role",
@@ -87,6 +88,13 @@ def attr(gm: fx.GraphModule, target: str) -> torch.Tensor:
     """The tensor behind a ``get_attr`` target (parameter or buffer, dotted path)."""
     owner, _, name = target.rpartition(".")
     return getattr(gm.get_submodule(owner) if owner else gm, name)
+
+
+def compute_device(gm: fx.GraphModule) -> torch.device:
+    """Where the passes compute: the device ``quantize(..., device=)`` named (the graph's weights then
+    stay where they are and each is moved there when used), else where the graph's parameters are."""
+    named = gm.meta.get("llmq_fx", {}).get("device")
+    return torch.device(named) if named else next((p.device for p in gm.parameters()), torch.device("cpu"))
 
 
 def set_attr(gm: fx.GraphModule, target: str, value: torch.Tensor, buffer: bool = True) -> None:

@@ -18,6 +18,14 @@ A value that is the same in both lanes (everything upstream of the first site, t
 position ids, parameters) is computed once and shared. Values are dropped as soon as every user of
 their node has run, so memory is the live set of the graph times the number of batches, as in a
 layer-by-layer GPTQ that keeps every calibration sequence's hidden state.
+
+Weights are fetched when a node first reads them, not where their ``get_attr`` nodes stand (a
+captured graph lists them all at its top), moved to the compute device (``graph.compute_device``)
+and freed after their last reader: with the graph on the host and ``quantize(..., device="cuda")``,
+the device holds the layer being walked, not the model. With ``dtype`` (``calib_dtype``, bfloat16)
+the Linears and attention run in that dtype, as under autocast: their inputs are cast, their outputs
+and the elementwise ops after them (activation functions, gates; the sites' inputs) stay in it, and
+what meets a float32 tensor (the residual stream, norms, positions) stays float32.
 """
 
 from __future__ import annotations
@@ -28,12 +36,17 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import fx
+from torch.utils._pytree import tree_leaves, tree_map
 from tqdm.auto import tqdm
 
 from llmq_fx.errors import CalibrationError, DeviceMemoryError, UnsupportedModelError
-from llmq_fx.graph import ObserverSite, observer_sites
+from llmq_fx.graph import ObserverSite, compute_device, is_linear, observer_sites
 
 __all__ = ["SiteInputs", "SiteResult", "run_lockstep"]
+
+_aten = torch.ops.aten
+_PRODUCTS = {_aten.scaled_dot_product_attention.default, _aten.matmul.default, _aten.mm.default, _aten.bmm.default,
+             _aten.addmm.default, _aten.baddbmm.default, _aten.einsum.default}
 
 
 @dataclass
@@ -64,14 +77,18 @@ class SiteResult:
 
 
 def run_lockstep(
-    gm: fx.GraphModule, batches: list[torch.Tensor], on_site: Callable[[SiteInputs], SiteResult], progress: bool = True
-) -> None:
+    gm: fx.GraphModule, batches: list[torch.Tensor], on_site: Callable[[SiteInputs], SiteResult], progress: bool = True,
+    dtype: torch.dtype = torch.float32,
+) -> dict:
     """Evaluate ``gm`` on ``batches`` node by node up to its last observer, calling ``on_site`` at each observer.
 
     The graph must take token ids as its only input. ``on_site`` may insert nodes into the graph
     after the observer (before its consumers); they are evaluated when the walk reaches them. The
     float lane's observer output is the producer's value; the observer module itself is not called.
     Nodes after the last observer (the logits) are not evaluated.
+
+    Returns ``{"peak_weight_bytes": ...}``: the most bytes of weights (fetched parameters and the
+    float weights the float lane keeps for quantized Linears) held on the compute device at once.
     """
     sites = {s.observer: s for s in observer_sites(gm)}
     if not sites:
@@ -83,14 +100,49 @@ def run_lockstep(
             f"sequential calibration runs graphs with one input (token ids); this one has {len(placeholders)}: "
             + ", ".join(n.name for n in placeholders)
         )
-    device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+    device = compute_device(gm)
     interp = fx.Interpreter(gm, garbage_collect_values=False)
+
+    offloaded = any(p.device != device for p in gm.parameters())
+
+    def place(value: object) -> object:
+        """A weight or batch on the compute device."""
+        return value.to(device) if isinstance(value, torch.Tensor) and value.device != device else value
+
+    def low(value: object) -> object:
+        return value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+    def run(node: fx.Node) -> object:
+        product = dtype != torch.float32 and (is_linear(node) or node.target in _PRODUCTS)
+        if node.op != "call_function" or not (offloaded or product):
+            return interp.run_node(node)
+        args, kwargs = interp.fetch_args_kwargs_from_env(node)
+        if offloaded:
+            # The graph lives elsewhere: tensors a node made there (factories traced with that device,
+            # or with none) join the walk's device, and factories make theirs on it.
+            args, kwargs = tree_map(place, (args, kwargs))
+            if "device" in kwargs:
+                kwargs = {**kwargs, "device": device}
+        if product and (is_linear(node) or dtype in {a.dtype for a in tree_leaves((args, kwargs))
+                                                    if isinstance(a, torch.Tensor) and a.is_floating_point()}):
+            # A Linear, or a product that meets the lanes' dtype (attention, an online rotation), runs in
+            # that dtype with its float inputs cast (the weight once per batch, as autocast does); a
+            # product of float32 values only (rotary angles from positions) stays float32.
+            args, kwargs = tree_map(low, (args, kwargs))
+        return node.target(*args, **kwargs)
+
     ref: list[dict[fx.Node, object]] = [{} for _ in batches]
     quant: list[dict[fx.Node, object]] = [{} for _ in batches]
     ref_overrides: dict[fx.Node, torch.Tensor] = {}
     raw_of: dict[fx.Node, tuple[fx.Node, fx.Node]] = {}  # skipped consumer -> (observer, producer)
     extra_users: dict[fx.Node, set[fx.Node]] = {}  # producer -> skipped consumers that still read it
     done: set[fx.Node] = set()
+    held: dict[fx.Node, int] = {}  # weights on the device now -> bytes
+    peak = [0]
+
+    def hold(node: fx.Node, value: torch.Tensor) -> None:
+        held[node] = value.nbytes
+        peak[0] = max(peak[0], sum(held.values()))
 
     def evaluate(node: fx.Node, env: dict) -> object:
         interp.env = env
@@ -99,10 +151,19 @@ def run_lockstep(
             kept = env[obs]
             env[obs] = env[producer]
             try:
-                return interp.run_node(node)
+                return run(node)
             finally:
                 env[obs] = kept
-        return interp.run_node(node)
+        return run(node)
+
+    def fetch_weights(node: fx.Node) -> None:
+        """The ``get_attr`` inputs of ``node`` not yet on the device: moved there once, shared by both lanes."""
+        for arg in node.all_input_nodes:
+            if arg.op == "get_attr" and arg not in quant[0]:
+                value = place(interp.fetch_attr(arg.target))
+                hold(arg, value)
+                for b in range(len(batches)):
+                    ref[b][arg] = quant[b][arg] = value
 
     def release(node: fx.Node) -> None:
         for arg in list(node.all_input_nodes) + ([raw_of[node][1]] if node in raw_of else []):
@@ -110,6 +171,7 @@ def run_lockstep(
                 for b in range(len(batches)):
                     ref[b].pop(arg, None)
                     quant[b].pop(arg, None)
+                held.pop(arg, None)
 
     current: list[fx.Node | None] = [None]
 
@@ -120,6 +182,8 @@ def run_lockstep(
                 if node.op == "placeholder":
                     for b, batch in enumerate(batches):
                         ref[b][node] = quant[b][node] = batch.to(device)
+                elif node.op == "get_attr":
+                    pass  # fetched when a node first reads it (fetch_weights)
                 elif node in sites:
                     site = sites[node]
                     producer = site.producer
@@ -127,12 +191,15 @@ def run_lockstep(
                     for b in range(len(batches)):
                         ref[b][node] = ref[b][producer]
                         quant[b][node] = result.quant[b]
-                    ref_overrides.update(result.ref_overrides)
+                    for k, v in result.ref_overrides.items():
+                        ref_overrides[k] = place(v)
+                        hold(k, ref_overrides[k])
                     for reader in result.raw_readers:
                         raw_of[reader] = (node, producer)
                         extra_users.setdefault(producer, set()).add(reader)
                     bar.update(1)
                 else:
+                    fetch_weights(node)
                     for b in range(len(batches)):
                         shared = node not in ref_overrides and all(ref[b][a] is quant[b][a] for a in node.all_input_nodes)
                         if shared and node not in raw_of:
@@ -140,6 +207,7 @@ def run_lockstep(
                         else:
                             ref[b][node] = ref_overrides[node] if node in ref_overrides else evaluate(node, ref[b])
                             quant[b][node] = evaluate(node, quant[b])
+                    ref_overrides.pop(node, None)  # held by the lanes now; freed with them
                 done.add(node)
                 release(node)
                 if node is last:
@@ -150,6 +218,7 @@ def run_lockstep(
     node = next(iter(gm.graph.nodes))
     try:
         _walk(node)
+        return {"peak_weight_bytes": peak[0]}
     except torch.OutOfMemoryError as err:
         raise out_of_memory(err, current[0], len(batches)) from None
     finally:

@@ -33,6 +33,7 @@ __all__ = [
     "gptq_quantize_weight",
     "input_aware_weight",
     "activation_error",
+    "round_to_scale",
     "SCALE_EPS",
 ]
 
@@ -212,18 +213,26 @@ def quantize_weight(
     """
     out_features, in_features = weight.shape
     w = weight.detach().to(torch.float32)
-    qmin, qmax = integer_range(bits, symmetric=True)
+    _, qmax = integer_range(bits, symmetric=True)
     if group_size is None:
         scale = weight_scale(w, qmax, clip)
-        q = torch.round(w / scale[:, None]).clamp(qmin, qmax)
     else:
         if in_features % group_size:
             raise ValueError(f"group size {group_size} does not divide in_features={in_features}")
-        n_groups = in_features // group_size
-        wg = w.reshape(out_features, n_groups, group_size)
-        scale = weight_scale(wg.reshape(-1, group_size), qmax, clip).reshape(out_features, n_groups)
-        q = torch.round(wg / scale[:, :, None]).clamp(qmin, qmax).reshape(out_features, in_features)
-    return q.to(torch.int8), scale
+        scale = weight_scale(w.reshape(-1, group_size), qmax, clip).reshape(out_features, in_features // group_size)
+    return round_to_scale(w, scale, bits), scale
+
+
+def round_to_scale(weight: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Round-to-nearest int8 codes of ``weight`` at given scales (``quantize_weight``'s layout: ``[out]``
+    per channel or ``[out, in // group_size]``): the baseline a weight quantizer's scales get for free."""
+    w = weight.detach().to(torch.float32)
+    qmin, qmax = integer_range(bits, symmetric=True)
+    if scale.dim() == 1:
+        return torch.round(w / scale[:, None]).clamp(qmin, qmax).to(torch.int8)
+    out_features, in_features = w.shape
+    groups = w.reshape(out_features, scale.shape[1], -1)
+    return torch.round(groups / scale[:, :, None]).clamp(qmin, qmax).reshape(out_features, in_features).to(torch.int8)
 
 
 def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,7 @@ def quantize(
     calib: torch.Tensor | Iterable[torch.Tensor],
     config: QuantConfig | dict | None = None,
     progress: bool = True,
+    device: str | torch.device | None = None,
 ) -> fx.GraphModule:
     """Quantize a captured model; returns a new GraphModule (``gm`` is not mutated).
 
@@ -43,6 +44,12 @@ def quantize(
             sequential act-aware GPTQ weights per output channel with clipping search, dynamic
             activations in groups of 64 channels with a per-site clip ratio, lm_head float.
         progress: show a progress bar per stage.
+        device: where the passes compute, when not where ``gm``'s parameters are: a graph kept on
+            the host is then quantized layer by layer on ``device`` (e.g. ``"cuda"``): the walk moves
+            each weight there when a node reads it and frees it after its last reader, GPTQ and the
+            rotation compute there, and every result is stored back on the host, so device memory
+            holds one layer's weights and the calibration activations, not the model. The returned
+            graph lives where ``gm`` does. Runs the sequential-GPTQ recipes (the default).
 
     Returns:
         The rewritten GraphModule. ``qgm.meta["llmq_fx"]`` holds the config, the recipe that ran,
@@ -58,9 +65,13 @@ def quantize(
     passes = recipe(config)
     batches = calibration_batches(calib, config.calib_batch_size)  # a bad calibration set fails before any work
     _check_group_size(gm, config)  # as does a group size that a Linear's width does not allow
+    home = next((p.device for p in gm.parameters()), torch.device("cpu"))
+    device = _check_device(config, passes, home, home if device is None else torch.device(device))
     qgm = copy.deepcopy(gm)
     meta = qgm.meta.setdefault("llmq_fx", {})
     meta.update(config=config.to_dict(), recipe=passes.to_dict(), gptq_sequential=config.runs_sequential_gptq())
+    if device != home:
+        meta["device"] = str(device)
     _note_act_aware(config, meta)
     timings = meta.setdefault("timings_s", {})
     bar = tqdm(passes, desc="llmq_fx", unit="stage", disable=not progress)
@@ -73,7 +84,29 @@ def quantize(
             qgm = p(qgm).graph_module
             timings[p.stage] = time.perf_counter() - t0
             logger.info("stage %s: %.2f s", p.stage, timings[p.stage])
+    if meta.pop("device", None) is not None:
+        qgm.to(home)  # the few small tensors made on the device (activation ranges, statistics) join the weights
     return qgm
+
+
+def _check_device(config: QuantConfig, passes, home: torch.device, device: torch.device) -> torch.device:
+    """``device`` if this config can compute there, else a ``ConfigError`` saying what to change."""
+    whole = [p.stage for p in passes if p.stage in ("calibrate", "sort")]  # whole-model forwards
+    if device != home and whole:
+        raise ConfigError(
+            f"quantize(device={str(device)!r}) with the weights on {home}: stage(s) {', '.join(whole)} run whole-model "
+            "forwards, which need the weights where they compute; move the model to the device instead"
+        )
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device} asked for, but torch sees no CUDA device")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if config.calib_dtype != "float32" and device.type != "cuda":
+        raise ConfigError(
+            f"config key 'calib_dtype'={config.calib_dtype!r} runs on CUDA only; this run computes on {device}: "
+            "use calib_dtype 'float32' on the CPU"
+        )
+    return device
 
 
 def _check_group_size(gm: fx.GraphModule, config: QuantConfig) -> None:

@@ -103,6 +103,8 @@ def test_a_failed_run_leaves_nothing_and_keeps_the_previous_result(tmp_path):
         (["quantize", "--model", "opt-tiny-random", "--config", "{tmp}/bad.yaml", "--out", "{tmp}/o"], "unknown config key 'n_cluster'"),
         (["quantize", "--model", "opt-tiny-random", "--out", "{tmp}/o", "--eval", "eval", "--cluster-sweep", "1", "4"],
          "--cluster-sweep varies n_clusters of static activations, but the config has a_dynamic: true"),
+        (["quantize", "--model", "opt-tiny-random", "--out", "{tmp}/o", "--host-weights"],
+         "--host-weights keeps the model on the host and quantizes it on --device: pass --device cuda"),
         (["inspect", "{tmp}/nothing"], "no report.json"),
         (["eval", "--onnx", "{tmp}/missing.onnx"], "ONNX model not found"),
         (["eval", "--graph", "{tmp}"], "graph file not found: {tmp}/graph.pt2"),

@@ -104,3 +104,14 @@ def test_bad_clip_ratio_is_a_config_error(value):
 def test_bad_w_clip_is_a_config_error():
     with pytest.raises(ConfigError, match="w_clip"):
         llmq_fx.QuantConfig(w_clip="yes")
+
+
+@pytest.mark.parametrize("group_size", [None, 16])
+def test_round_to_scale_is_round_to_nearest_at_given_scales(group_size):
+    """GPTQ's record of round-to-nearest reuses its scales: codes equal an independent rounding at them."""
+    w = torch.randn(24, 64, generator=torch.Generator().manual_seed(5)) * 0.1
+    q, scale = qmath.quantize_weight(w, 4, group_size, clip=True)
+    s = scale[:, None].expand(24, 64) if group_size is None else scale.repeat_interleave(group_size, dim=1)
+    expected = torch.clamp(torch.round(w / s), -8, 7).to(torch.int8)
+    assert torch.equal(qmath.round_to_scale(w, scale, 4), expected)
+    assert torch.equal(q, expected)

@@ -87,12 +87,12 @@ def test_quantized_lane_is_the_deployed_model(opt_gm, calib, monkeypatch, skip, 
     seen = {}
     run = lockstep.run_lockstep
 
-    def spy(gm, batches, on_site, progress=True):
+    def spy(gm, batches, on_site, progress=True, **kwargs):
         def wrapped(inputs):
             seen[inputs.site.producer.name] = [x.clone() for x in inputs.quant]
             return on_site(inputs)
 
-        return run(gm, batches, wrapped, progress)
+        return run(gm, batches, wrapped, progress, **kwargs)
 
     monkeypatch.setattr(sequential_gptq, "run_lockstep", spy)
     qgm = _sequential(opt_gm, calib, skip=skip, clip_search=clip_search)

@@ -33,8 +33,8 @@ After a site's Linears are quantized its observer's [C, C] moment buffers are re
 (``ActivationObserver.release_moments``); its channel statistics stay for ``InsertQDQPass``.
 
 ``gm.meta["llmq_fx"]["gptq"][path]`` records, per Linear, the relative output-error proxy
-``tr((W - Wq) H (W - Wq)^T) / tr(W H W^T)`` of round-to-nearest and of GPTQ (with the same bits and
-scale layout), so the gain is visible per layer. Activation-aware, ``W`` there is the target ``V``
+``tr((W - Wq) H (W - Wq)^T) / tr(W H W^T)`` of round-to-nearest and of GPTQ (round-to-nearest at
+the scales GPTQ used), so the gain is visible per layer. Activation-aware, ``W`` there is the target ``V``
 and ``H`` is ``Hq``; ``target_shift`` is the same measure between ``W`` and ``V``.
 """
 
@@ -166,6 +166,8 @@ class GPTQPass(LlmqPass):
         if not (isinstance(w_node, fx.Node) and w_node.op == "get_attr"):
             raise UnsupportedModelError(f"GPTQ: the weight of {path} is computed in the graph, not a parameter")
         weight = attr(gm, w_node.target)
+        home = weight.device  # GPTQ computes where the Hessian is; the integer weight is stored with the graph
+        weight = weight.to(hessian.device)
         opts, spec = self.options, self.options.weight
         if spec.group_size is not None and weight.shape[1] % spec.group_size:
             raise ConfigError(
@@ -183,7 +185,9 @@ class GPTQPass(LlmqPass):
             raise StatisticsError(f"{path} (input site {site_name}): {err}") from err
         seconds = time.perf_counter() - t0
         with torch.no_grad():
-            rtn = qmath.dequantize_weight(*spec.quantize(weight))
+            # Round-to-nearest at GPTQ's own scales: the same scales a clipping search would find for the
+            # weight (per channel, static groups), without running that search again only to record it.
+            rtn = qmath.dequantize_weight(qmath.round_to_scale(weight, scale, spec.bits), scale)
             record = {
                 "site": site_name,
                 "rtn_error": output_error(weight, rtn, hessian),
@@ -198,7 +202,7 @@ class GPTQPass(LlmqPass):
             }
             if cross is not None:
                 record["target_shift"] = output_error(original, weight, hessian)
-        insert_weight_dequant(gm, linear, path, qweight, scale, spec.bits)
+        insert_weight_dequant(gm, linear, path, qweight.to(home), scale.to(home), spec.bits)
         logger.info("gptq %s: relative output error %.4g (round-to-nearest %.4g)",
                     path, record["gptq_error"], record["rtn_error"])
         return record

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from llmq_fx.graph import attr, linear_nodes, module_path, site_role
+from llmq_fx.graph import attr, compute_device, linear_nodes, module_path, site_role
 from llmq_fx.passes.base import LlmqPass
 from llmq_fx.spec import SITE_META, ActivationSpec, SiteRecord
 from llmq_fx.stats import ActivationObserver
@@ -81,7 +81,7 @@ class InsertObserversPass(LlmqPass):
             taken.add(target)
             quant = None if self.options.input_quant is None else self.options.input_quant.for_site(in_features)
             observer = ActivationObserver(in_features, hessian=hessian, input_quant=quant)
-            gm.add_submodule(target, observer.to(weight.device))
+            gm.add_submodule(target, observer.to(compute_device(gm)))
             with gm.graph.inserting_after(producer):
                 obs = gm.graph.call_module(target, (producer,))
             obs.meta[SITE_META] = SiteRecord(name=name, consumers=paths, role=site_role(producer, consumers))

@@ -53,7 +53,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from llmq_fx import ops  # noqa: F401  (registers torch.ops.llmq)
 from llmq_fx import qmath
 from llmq_fx.errors import ConfigError
-from llmq_fx.graph import attr, is_skipped, linear_nodes, module_path, observer_sites, set_attr
+from llmq_fx.graph import attr, compute_device, is_skipped, linear_nodes, module_path, observer_sites, set_attr
 from llmq_fx.passes.base import LlmqPass
 from llmq_fx.spec import SITE_META, ActivationSpec, SiteRecord, WeightSpec
 
@@ -265,8 +265,8 @@ class InsertQDQPass(LlmqPass):
             raise ConfigError(
                 f"config key 'w_group_size'={spec.group_size} does not divide in_features={weight.shape[1]} of {path}"
             )
-        qweight, scale = spec.quantize(weight)
-        insert_weight_dequant(gm, linear, path, qweight, scale, spec.bits)
+        qweight, scale = spec.quantize(weight.to(compute_device(gm)))
+        insert_weight_dequant(gm, linear, path, qweight.to(weight.device), scale.to(weight.device), spec.bits)
 
 
 def _clusters_label(record: SiteRecord) -> int | str | None:

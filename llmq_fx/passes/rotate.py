@@ -67,6 +67,7 @@ from llmq_fx.graph import (
     attention_value_source,
     attr,
     attr_users_elsewhere,
+    compute_device,
     is_linear,
     linear_nodes,
     module_path,
@@ -285,8 +286,8 @@ class RotatePass(LlmqPass):
     def _rotate_residual(self, gm: fx.GraphModule, plan: _ResidualPlan, gen: torch.Generator) -> dict:
         norms, kind, writers, readers = plan.norms, plan.kind, plan.writers, plan.readers
         d = attr(gm, norms[0].weight.target).numel()
-        # Drawn on the CPU generator (the same matrix whatever the device), used where the weights are.
-        q = rotation_matrix(d, gen).to(attr(gm, norms[0].weight.target).device)
+        # Drawn on the CPU generator (the same matrix whatever the device), used where the passes compute.
+        q = rotation_matrix(d, gen).to(compute_device(gm))
         full_hadamard = bool(torch.allclose(q.abs(), torch.full_like(q, d**-0.5), rtol=0, atol=1e-12))
         center = kind == "layer_norm"
 
@@ -297,7 +298,7 @@ class RotatePass(LlmqPass):
         for w in writers:
             if w.target == aten.embedding.default:
                 target = _own_param(gm, w, w.args[0], _embedding_path(w))
-                e = attr(gm, target).detach().to(torch.float64)
+                e = _read(gm, target)
                 if center:
                     e = e - e.mean(dim=1, keepdim=True)
                 _write(gm, target, e @ q)
@@ -305,14 +306,14 @@ class RotatePass(LlmqPass):
             else:
                 path = module_path(w)
                 wt = _own_param(gm, w, w.args[1], f"{path}.weight")
-                wm = attr(gm, wt).detach().to(torch.float64)
+                wm = _read(gm, wt)
                 if center:
                     wm = wm - wm.mean(dim=0, keepdim=True)
                 _write(gm, wt, q.T @ wm)
                 basis["first_axis"].append(wt)
                 if len(w.args) > 2 and isinstance(w.args[2], fx.Node):
                     bt = _own_param(gm, w, w.args[2], f"{path}.bias")
-                    b = attr(gm, bt).detach().to(torch.float64)
+                    b = _read(gm, bt)
                     if center:
                         b = b - b.mean()
                     _write(gm, bt, q.T @ b)
@@ -320,13 +321,13 @@ class RotatePass(LlmqPass):
         for lin, na in readers:
             path = module_path(lin)
             wt = _own_param(gm, lin, lin.args[1], f"{path}.weight")
-            wm = attr(gm, wt).detach().to(torch.float64)
-            g = attr(gm, na.weight.target).detach().to(torch.float64) + na.offset
+            wm = _read(gm, wt)
+            g = _read(gm, na.weight.target) + na.offset
             bias = None
             if len(lin.args) > 2 and isinstance(lin.args[2], fx.Node):
-                bias = attr(gm, _own_param(gm, lin, lin.args[2], f"{path}.bias")).detach().to(torch.float64)
+                bias = _read(gm, _own_param(gm, lin, lin.args[2], f"{path}.bias"))
             if na.bias is not None:
-                beta = attr(gm, na.bias.target).detach().to(torch.float64)
+                beta = _read(gm, na.bias.target)
                 extra = wm @ beta
                 bias = extra if bias is None else bias + extra
             _write(gm, wt, (wm * g[None, :]) @ q)
@@ -337,7 +338,8 @@ class RotatePass(LlmqPass):
                     _write(gm, lin.args[2].target, bias)
                 else:
                     bt = f"{path}.bias"
-                    set_attr(gm, bt, bias.to(attr(gm, wt).dtype), buffer=False)
+                    home = attr(gm, wt)
+                    set_attr(gm, bt, bias.to(device=home.device, dtype=home.dtype), buffer=False)
                     with gm.graph.inserting_before(lin):
                         b_node = gm.graph.get_attr(bt)
                     lin.args = (lin.args[0], lin.args[1], b_node)
@@ -349,7 +351,8 @@ class RotatePass(LlmqPass):
                 _layer_norm_to_rms(gm, na)
         online = []
         if plan.post_norms:
-            set_attr(gm, "llmq_rotation_residual", q.to(attr(gm, norms[0].weight.target).dtype).contiguous())
+            home = attr(gm, norms[0].weight.target)
+            set_attr(gm, "llmq_rotation_residual", q.to(device=home.device, dtype=home.dtype).contiguous())
             basis["last_axis"].append("llmq_rotation_residual")
             for na in plan.post_norms:  # residual += norm(y) @ Q: the norm's own weight stays elementwise
                 with gm.graph.inserting_after(na.node):
@@ -375,7 +378,7 @@ class RotatePass(LlmqPass):
             h = rotation_matrix(hd, gen, random_signs=False)  # H_hd (a Paley-Kronecker Hadamard if hd is not a power of 2)
             vpath, opath = module_path(v_proj), module_path(out)
             vt = _own_param(gm, v_proj, v_proj.args[1], f"{vpath}.weight")
-            full = attr(gm, vt).detach().to(torch.float64)
+            full = _read(gm, vt)
             h = h.to(full.device)
             wv = full[rows]  # V's rows: all of v_proj, or V's part of a fused qkv_proj
             n_kv = wv.shape[0] // hd
@@ -383,11 +386,11 @@ class RotatePass(LlmqPass):
             _write(gm, vt, full)
             if len(v_proj.args) > 2 and isinstance(v_proj.args[2], fx.Node):
                 bt = _own_param(gm, v_proj, v_proj.args[2], f"{vpath}.bias")
-                bias = attr(gm, bt).detach().to(torch.float64)
+                bias = _read(gm, bt)
                 bias[rows] = (bias[rows].reshape(n_kv, hd) @ h).reshape(-1)
                 _write(gm, bt, bias)
             ot = _own_param(gm, out, out.args[1], f"{opath}.weight")
-            wo = attr(gm, ot).detach().to(torch.float64)
+            wo = _read(gm, ot)
             n_q = wo.shape[1] // hd
             _write(gm, ot, (wo.reshape(wo.shape[0], n_q, hd) @ h).reshape(wo.shape[0], -1))
             done.append(vpath)
@@ -402,14 +405,15 @@ class RotatePass(LlmqPass):
             x = lin.args[0]
             path = module_path(lin)
             wt = _own_param(gm, lin, lin.args[1], f"{path}.weight")
-            w = attr(gm, wt).detach().to(torch.float64)
+            w = _read(gm, wt)
             f = w.shape[1]
             a_mat, b_mat = (m.to(w.device) for m in kron_factors(f, gen))
             a, b = a_mat.shape[0], b_mat.shape[0]
             _write(gm, wt, w @ torch.kron(a_mat, b_mat))
             base = "llmq_rotation_" + path.replace(".", "_")
-            set_attr(gm, f"{base}_a", a_mat.to(attr(gm, wt).dtype).contiguous())
-            set_attr(gm, f"{base}_b", b_mat.to(attr(gm, wt).dtype).contiguous())
+            home = attr(gm, wt)
+            set_attr(gm, f"{base}_a", a_mat.to(device=home.device, dtype=home.dtype).contiguous())
+            set_attr(gm, f"{base}_b", b_mat.to(device=home.device, dtype=home.dtype).contiguous())
             stack = lin.meta.get("nn_module_stack", {})
             with graph.inserting_before(lin):
                 a_node = graph.get_attr(f"{base}_a")
@@ -580,10 +584,16 @@ def _check_param(user: fx.Node, node) -> None:
 
 
 # -- helpers ------------------------------------------------------------------------------------
+def _read(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    """A parameter/buffer as float64 on the compute device (``graph.compute_device``): a graph kept on
+    the host is rotated on the device one tensor at a time."""
+    return attr(gm, target).detach().to(compute_device(gm)).to(torch.float64)  # moved as stored, widened there
+
+
 def _write(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
     """Overwrite a parameter/buffer in place (dtype/device kept) from a float64 value."""
     t = attr(gm, target)
-    t.data = value.to(device=t.device, dtype=t.dtype).reshape(t.shape).contiguous()
+    t.data = value.to(t.dtype).to(t.device).reshape(t.shape).contiguous()  # narrowed where computed, then moved
 
 
 def _own_param(gm: fx.GraphModule, user: fx.Node, w_node: fx.Node, preferred: str) -> str:

@@ -42,7 +42,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from llmq_fx import qmath
 from llmq_fx.calibrate import check_statistics
 from llmq_fx.errors import ConfigError
-from llmq_fx.graph import attr, is_skipped, module_path
+from llmq_fx.graph import attr, compute_device, is_skipped, module_path
 from llmq_fx.lockstep import SiteInputs, SiteResult, run_lockstep
 from llmq_fx.passes.base import CalibratedPass
 from llmq_fx.passes.gptq import GPTQOptions, GPTQPass
@@ -61,11 +61,14 @@ class SequentialGPTQOptions(GPTQOptions):
         activation: the dynamic activation scheme the Linears will read through (its group size an
             upper bound, resolved per site by ``ActivationSpec.for_site``).
         clip_search: candidate activation clip ratios, one chosen per site; None keeps ``activation``'s.
+        calib_dtype: the floating dtype of the walk's two lanes ("float32" or "bfloat16");
+            the moments are taken and GPTQ computes in float32 either way.
     """
 
     act_aware: float | None = 0.5
     activation: ActivationSpec = field(default_factory=ActivationSpec)
     clip_search: tuple[float, ...] | None = None
+    calib_dtype: str = "float32"
 
     def __post_init__(self):
         super().__post_init__()
@@ -92,6 +95,7 @@ class SequentialGPTQPass(CalibratedPass, GPTQPass):
         clip = tuple(float(r) for r in config.a_clip_search) if config.a_clip_search else None
         return cls(SequentialGPTQOptions(
             act_aware=float(config.gptq_act_aware), activation=config.activation_spec(), clip_search=clip,
+            calib_dtype=config.calib_dtype,
             **GPTQOptions.config_fields(config),
         ))
 
@@ -137,9 +141,10 @@ class SequentialGPTQPass(CalibratedPass, GPTQPass):
             return SiteResult(outputs, overrides, raw)
 
         batches = self._require_batches()
-        run_lockstep(gm, batches, on_site, self.progress)
+        walk = run_lockstep(gm, batches, on_site, self.progress, dtype=getattr(torch, self.options.calib_dtype))
         check_statistics(gm)
         meta["calib_tokens"] = sum(b.numel() for b in batches)
+        meta["lockstep"] = dict(walk, device=str(compute_device(gm)), dtype=self.options.calib_dtype)
         gm.graph.eliminate_dead_code()
         gm.graph.lint()
         gm.recompile()
@@ -148,7 +153,8 @@ class SequentialGPTQPass(CalibratedPass, GPTQPass):
     def _search_clip(self, gm, linears, quant: ActivationSpec, xs: list[torch.Tensor]) -> ActivationSpec:
         """``quant`` with the clip ratio among ``clip_search`` minimizing ``sum ||(Q(X~) - X~) W^T||^2``
         over the site's Linears (``qmath.activation_error``)."""
-        weight = torch.cat([attr(gm, c.args[1].target).detach().float() for c in linears])
+        device = xs[0].device
+        weight = torch.cat([attr(gm, c.args[1].target).detach().to(device, torch.float32) for c in linears])
         candidates = [dataclasses.replace(quant, clip_ratio=r) for r in self.options.clip_search]
         errors = qmath.activation_error(weight, xs, candidates)
         return candidates[int(torch.stack(errors).argmin())]
