@@ -13,8 +13,11 @@ observers; ``ratio`` is pipeline time over floor time.
 
 * ``--models``: built-in models (``llmq_fx.models.load_model``), calibrated on the built-in text,
   ``--calib-samples`` windows of ``--seq-len`` tokens (the CLI's defaults: 32 x 512, batch 4).
-* ``--shapes``: random-init OPTs with the real configs of facebook/opt-{125m,1.3b,6.7b}, built
+* ``--shapes``: random-init OPTs with the real configs of facebook/opt-{125m,1.3b,6.7b,13b}, built
   directly on ``--device``, calibrated on random token ids (``--calib NxT``); timings only.
+* ``--host-weights``: after the floor, the traced graph moves to the host and ``llmq_fx.quantize(...,
+  device=--device)`` quantizes it layer by layer (each weight on the device only while the walk
+  reads it); the entry records the walk's peak of weights held on the device.
 * Peak memory per stage: on CPU the process's peak RSS (VmHWM, reset at every stage start by writing
   5 to /proc/self/clear_refs); on CUDA ``torch.cuda.max_memory_allocated`` (reset per stage), plus
   the host's peak RSS. ``quantize`` first deep-copies the graph (its parameters too), untimed by
@@ -62,6 +65,7 @@ SHAPES = {
     "opt-125m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, ffn_dim=3072),
     "opt-1.3b": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, ffn_dim=8192),
     "opt-6.7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, ffn_dim=16384),
+    "opt-13b": dict(hidden_size=5120, num_hidden_layers=40, num_attention_heads=40, ffn_dim=20480),
 }
 _OPT_COMMON = dict(vocab_size=50272, max_position_embeddings=2048, do_layer_norm_before=True, activation_function="relu",
                    dropout=0.0, attention_dropout=0.0, enable_bias=True, tie_word_embeddings=True)
@@ -135,7 +139,7 @@ class _StageEnds(logging.Handler):
             self.clock.lap(str(record.args[0]))
 
 
-def quantize_by_stage(gm, calib: torch.Tensor, config, clock: StageClock):
+def quantize_by_stage(gm, calib: torch.Tensor, config, clock: StageClock, device=None):
     """``llmq_fx.quantize`` with the clock lapped at each of its stage ends."""
     qlog = logging.getLogger("llmq_fx.quantize")
     handler, level = _StageEnds(clock), qlog.level
@@ -143,7 +147,7 @@ def quantize_by_stage(gm, calib: torch.Tensor, config, clock: StageClock):
     qlog.setLevel(logging.INFO)
     try:
         clock.start()
-        qgm = llmq_fx.quantize(gm, calib, config, progress=False)
+        qgm = llmq_fx.quantize(gm, calib, config, progress=False, device=device)
     finally:
         qlog.removeHandler(handler)
         qlog.setLevel(level)
@@ -250,6 +254,10 @@ def markdown(data: dict) -> str:
         lines.append("| config: QuantConfig() with | " + " | ".join(
             f"peer: {e['peer']}" if e.get("peer") else f"`{json.dumps(e['config_overrides'])}`" if e.get("config_overrides") else "defaults"
             for e in entries.values()) + " |")
+        lines.append("| placement | " + " | ".join(e.get("placement", "") for e in entries.values()) + " |")
+        if any(e.get("lockstep") for e in entries.values()):
+            lines.append("| weights held on the device by the GPTQ walk, peak MiB | " + " | ".join(
+                _num((e.get("lockstep") or {}).get("peak_weight_bytes", 0) / MIB or None, ".0f") for e in entries.values()) + " |")
         lines.append("| model (parameters) | " + " | ".join(f"{e['model']} ({e['parameters'] / 1e6:.0f} M, {e['dtype']})" for e in entries.values()) + " |")
         lines += ["", "| stage | " + " | ".join(f"{n} s | " + " | ".join(m for _, m in mems) for n in entries) + " |",
                   "|---|" + "---:|" * (len(entries) * (1 + len(mems)))]
@@ -324,9 +332,19 @@ def run_one(name: str, args, device: torch.device, save) -> None:
     clock.start()
     float_forward(gm, calib, args.batch_size, device)
     clock.lap("floor")
+    entry["placement"] = f"weights on the host, computed on {device}" if args.host_weights else f"weights on {device}"
+    if args.host_weights:  # quantize(device=) walks a graph traced on the host; the floor above ran on the device
+        del gm
+        model.to("cpu")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        clock.start()
+        gm = llmq_fx.trace(model)  # traced again, so that the graph's constants live on the host too
+        clock.lap("trace")
     save(name, entry)
 
-    qgm = quantize_by_stage(gm, calib, config, clock)
+    qgm = quantize_by_stage(gm, calib, config, clock, device if args.host_weights else None)
+    entry["lockstep"] = qgm.meta["llmq_fx"].get("lockstep")
     st = clock.stages
     floor = st["floor"]["seconds"]
     pipeline = sum(st[s]["seconds"] for s in PIPELINE if s in st)
@@ -362,11 +380,12 @@ def run_one(name: str, args, device: torch.device, save) -> None:
                          "would write GB-sized files; the CPU section measures it). Rotation, observers, statistics, "
                          "Hessians, GPTQ, smoothing and QDQ stay on the GPU; with static activations k-means (the "
                          "`group` row) runs once per site on the CPU over a small [channels, 2] feature matrix.")
-    # The quantized graph runs where it was built: every tensor on the device, finite logits.
+    # The quantized graph runs where it was built (on the host with --host-weights): every tensor there, finite logits.
+    home = torch.device("cpu") if args.host_weights else device
     tensors = list(qgm.parameters()) + list(qgm.buffers())
     with torch.no_grad():
-        logits = qgm(calib[:1, :128].to(device))
-    entry["check"] = {"tensors_on_device": sum(t.device.type == device.type for t in tensors), "tensors": len(tensors),
+        logits = qgm(calib[:1, :128].to(home))
+    entry["check"] = {"tensors_on_device": sum(t.device.type == home.type for t in tensors), "tensors": len(tensors), "device": str(home),
                       "quantized_logits_finite": bool(torch.isfinite(logits).all())}
     peak_key = "peak_gpu_mib" if device.type == "cuda" else "peak_rss_mib"
     entry["summary"]["peak_mib"] = max(s[peak_key] for s in st.values())
@@ -447,6 +466,8 @@ def main() -> None:
     p.add_argument("--config", default="{}", help='QuantConfig() overrides as JSON, e.g. \'{"gptq": false}\' (with --tag)')
     p.add_argument("--tf32", action="store_true", help="CUDA: allow TF32 matrix products in the floor too (the pipeline follows "
                    "the config's calib_precision)")
+    p.add_argument("--host-weights", action="store_true", help="keep the graph on the host and quantize it layer by layer on "
+                   "--device (llmq_fx.quantize(..., device=)); the floor still runs with the model on the device")
     p.add_argument("--peer", action="store_true", help="--shapes: also run llm-compressor's GPTQModifier on the same shape and tokens")
     p.add_argument("--tag", help="appended to every entry name, e.g. tf32")
     p.add_argument("--json", type=Path, default=RESULTS / "speed.json")
