@@ -106,3 +106,26 @@ def test_host_graph_quantized_on_cuda_equals_quantized_there(calib, eval_ids):
             assert torch.equal(value, other), key
     with torch.no_grad():
         torch.testing.assert_close(q_host(eval_ids), q_dev(eval_ids.cuda()).cpu(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_walk_on_another_device_moves_every_input_there(deep_gm, dtype):
+    """A graph on the host walked on another device (the meta device stands in for a GPU here): factories
+    traced with the host's device (ones, arange) and weights all reach the walk's device; no node mixes."""
+    from llmq_fx.lockstep import SiteResult, run_lockstep
+
+    gm = copy.deepcopy(deep_gm)
+    RotatePass()(gm)
+    InsertObserversPass()(gm)
+    assert any(n.kwargs.get("device") == torch.device("cpu") for n in gm.graph.nodes if n.op == "call_function")
+    gm.meta.setdefault("llmq_fx", {})["device"] = "meta"
+    seen = []
+
+    def on_site(inputs):
+        seen.extend((x.device.type, x.dtype) for x in inputs.ref + inputs.quant)
+        return SiteResult(inputs.quant)
+
+    walk = run_lockstep(gm, [torch.randint(0, 96, (2, 16))], on_site, progress=False, dtype=dtype)
+    assert seen and {d for d, _ in seen} == {"meta"}
+    assert walk["peak_weight_bytes"] > 0
+    assert all(p.device.type == "cpu" for p in gm.parameters())  # the graph itself stays on the host
