@@ -59,6 +59,9 @@ class QuantConfig:
             permutation for the whole model, folded into the weights: no node added), so each group
             of ``a_group_size`` channels at the norm outputs holds channels of similar range
             (``SortResidualPass``; RPTQ's reordering in the rotated basis).
+        learn_rotation_steps: train one more orthogonal rotation of the residual stream for this many
+            steps on the W4A4 model's loss and fold it in (``LearnRotationPass``, SpinQuant's R1), or
+            None. ``learn_rotation_lr``: its Adam learning rate.
         gptq: GPTQ weight quantization (error compensation with the calibration Hessian) instead of
             round-to-nearest; ``gptq_act_order``, ``gptq_damp`` (fraction of the mean Hessian
             diagonal added) and ``gptq_block_size`` (columns per lazy batch) as in the GPTQ paper.
@@ -110,6 +113,8 @@ class QuantConfig:
     a_outlier_clusters: int = 1
     rotate: bool | str = "auto"
     sort_residual: bool = False
+    learn_rotation_steps: int | None = None
+    learn_rotation_lr: float = 1e-3
     gptq: bool = True
     gptq_act_order: bool = True
     gptq_damp: float = 0.01

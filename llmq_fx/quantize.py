@@ -91,7 +91,7 @@ def quantize(
 
 def _check_device(config: QuantConfig, passes, home: torch.device, device: torch.device) -> torch.device:
     """``device`` if this config can compute there, else a ``ConfigError`` saying what to change."""
-    whole = [p.stage for p in passes if p.stage in ("calibrate", "sort")]  # whole-model forwards
+    whole = [p.stage for p in passes if p.stage in ("calibrate", "sort", "learn_rotation")]  # whole-model forwards
     if device != home and whole:
         raise ConfigError(
             f"quantize(device={str(device)!r}) with the weights on {home}: stage(s) {', '.join(whole)} run whole-model "

@@ -25,6 +25,7 @@ from llmq_fx.passes.gptq import GPTQPass
 from llmq_fx.passes.group_channels import GroupChannelsPass
 from llmq_fx.passes.insert_observers import InsertObserversPass
 from llmq_fx.passes.insert_qdq import InsertQDQPass
+from llmq_fx.passes.learn_rotation import LearnRotationPass
 from llmq_fx.passes.quantize_embeddings import QuantizeEmbeddingsPass
 from llmq_fx.passes.rotate import RotatePass
 from llmq_fx.passes.sequential_gptq import SequentialGPTQPass
@@ -37,6 +38,7 @@ __all__ = ["recipe", "Recipe", "PIPELINE"]
 # CalibratePass (then Smooth/Group/GPTQ on the recorded statistics) or SequentialGPTQPass.
 PIPELINE: tuple[type[LlmqPass], ...] = (
     RotatePass,
+    LearnRotationPass,
     SortResidualPass,
     InsertObserversPass,
     CalibratePass,

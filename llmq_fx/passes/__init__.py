@@ -10,6 +10,7 @@ from llmq_fx.passes.quantize_embeddings import EmbeddingsOptions, QuantizeEmbedd
 from llmq_fx.passes.rotate import RotateOptions, RotatePass
 from llmq_fx.passes.sequential_gptq import SequentialGPTQOptions, SequentialGPTQPass
 from llmq_fx.passes.smooth import SmoothOptions, SmoothPass, smoothing_scales
+from llmq_fx.passes.learn_rotation import LearnRotationOptions, LearnRotationPass
 from llmq_fx.passes.sort_residual import SortResidualOptions, SortResidualPass
 
 __all__ = [
@@ -17,6 +18,8 @@ __all__ = [
     "CalibratedPass",
     "RotatePass",
     "RotateOptions",
+    "LearnRotationPass",
+    "LearnRotationOptions",
     "SortResidualPass",
     "SortResidualOptions",
     "InsertObserversPass",
