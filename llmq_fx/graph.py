@@ -27,6 +27,7 @@ __all__ = [
     "module_path",
     "attr",
     "set_attr",
+    "write_attr",
     "compute_device",
     "observer_sites",
     "norm_affine",
@@ -107,6 +108,13 @@ def set_attr(gm: fx.GraphModule, target: str, value: torch.Tensor, buffer: bool 
         mod.register_buffer(name, value)
     else:
         mod.register_parameter(name, torch.nn.Parameter(value, requires_grad=False))
+
+
+def write_attr(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
+    """Overwrite a parameter/buffer in place from a value computed elsewhere (e.g. float64 on the compute
+    device): narrowed to the tensor's dtype where it was computed, then moved to where the tensor lives."""
+    t = attr(gm, target)
+    t.data = value.to(t.dtype).to(t.device).reshape(t.shape).contiguous()
 
 
 def attr_users_elsewhere(gm: fx.GraphModule, get_attr_node: fx.Node, allowed: fx.Node) -> list[str]:

@@ -35,8 +35,9 @@ from tqdm.auto import tqdm
 
 from llmq_fx import qmath
 from llmq_fx.errors import ConfigError
-from llmq_fx.graph import attr, compute_device, is_linear, is_skipped, module_path
+from llmq_fx.graph import attr, compute_device, is_linear, is_skipped, module_path, write_attr
 from llmq_fx.passes.base import CalibratedPass
+from llmq_fx.passes.rotate import residual_basis
 from llmq_fx.spec import ActivationSpec, WeightSpec
 
 __all__ = ["LearnRotationPass", "LearnRotationOptions"]
@@ -97,14 +98,14 @@ class LearnRotationPass(CalibratedPass):
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         meta = gm.meta.setdefault("llmq_fx", {})
-        basis = meta.get("residual_basis")
-        if not basis or not basis.get("readers"):
+        tensors = residual_basis(gm)
+        if tensors is None:
             meta["learned_rotation"] = {"learned": False, "reason": "no rotated residual stream (rotation skipped)"}
             return PassResult(gm, False)
         t0 = time.perf_counter()
         device = compute_device(gm)
-        last = [t for t in dict.fromkeys(basis["last_axis"]) if attr(gm, t).dim() == 2]  # 1-D: unit norm weights
-        first = list(dict.fromkeys(basis["first_axis"]))
+        last = [t for t, axis in tensors if axis == -1 and attr(gm, t).dim() == 2]  # 1-D: unit norm weights
+        first = [t for t, axis in tensors if axis == 0]
         dim = attr(gm, last[0]).shape[-1]
         holder = torch.nn.Linear(dim, dim, bias=False, device=device)
         torch.nn.utils.parametrizations.orthogonal(holder, orthogonal_map="cayley")
@@ -132,9 +133,9 @@ class LearnRotationPass(CalibratedPass):
         with torch.no_grad():
             r = holder.weight.detach().to(torch.float64)
             for t in last:
-                _write(gm, t, attr(gm, t).to(device, torch.float64) @ r)
+                write_attr(gm, t, attr(gm, t).to(device, torch.float64) @ r)
             for t in first:
-                _write(gm, t, _rows(r, attr(gm, t).to(device, torch.float64)))
+                write_attr(gm, t, _rows(r, attr(gm, t).to(device, torch.float64)))
             drift = float((r - torch.eye(dim, dtype=r.dtype, device=r.device)).norm() / dim**0.5)
         meta["learned_rotation"] = {
             "learned": True, "dim": dim, "steps": self.options.steps, "tokens_per_step": self.options.batch_size * windows.len,
@@ -149,11 +150,6 @@ class LearnRotationPass(CalibratedPass):
 def _rows(r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """``R^T t`` along ``t``'s first axis (a writer's weight rows or its bias)."""
     return r.T @ t if t.dim() == 2 else t @ r
-
-
-def _write(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
-    t = attr(gm, target)
-    t.data = value.to(t.dtype).to(t.device).contiguous()
 
 
 class _Windows:
@@ -181,9 +177,8 @@ class _FakeQuantForward(fx.Interpreter):
         self.linears = {}
         for n in gm.graph.nodes:
             if is_linear(n) and not is_skipped(module_path(n), options.skip):
-                w = n.args[1]
-                width = w.meta["val"].shape[1] if isinstance(w, fx.Node) and "val" in w.meta else None
-                width = width or attr(gm, w.target).shape[1]
+                w = n.args[1]  # a get_attr after the rotation; a node it inserted carries no "val"
+                width = (w.meta["val"] if "val" in w.meta else attr(gm, w.target)).shape[1]
                 self.linears[n] = options.activation.for_site(width)
         self.weight = options.weight
 

@@ -74,10 +74,11 @@ from llmq_fx.graph import (
     norm_affine,
     set_attr,
     site_role,
+    write_attr,
 )
 from llmq_fx.passes.base import LlmqPass
 
-__all__ = ["RotatePass", "RotateOptions", "hadamard", "paley_hadamard", "random_orthogonal", "rotation_matrix", "kron_factors", "ONLINE_ROTATION_META"]
+__all__ = ["RotatePass", "RotateOptions", "residual_basis", "hadamard", "paley_hadamard", "random_orthogonal", "rotation_matrix", "kron_factors", "ONLINE_ROTATION_META"]
 
 logger = logging.getLogger(__name__)
 
@@ -301,7 +302,7 @@ class RotatePass(LlmqPass):
                 e = _read(gm, target)
                 if center:
                     e = e - e.mean(dim=1, keepdim=True)
-                _write(gm, target, e @ q)
+                write_attr(gm, target, e @ q)
                 basis["last_axis"].append(target)
             else:
                 path = module_path(w)
@@ -309,14 +310,14 @@ class RotatePass(LlmqPass):
                 wm = _read(gm, wt)
                 if center:
                     wm = wm - wm.mean(dim=0, keepdim=True)
-                _write(gm, wt, q.T @ wm)
+                write_attr(gm, wt, q.T @ wm)
                 basis["first_axis"].append(wt)
                 if len(w.args) > 2 and isinstance(w.args[2], fx.Node):
                     bt = _own_param(gm, w, w.args[2], f"{path}.bias")
                     b = _read(gm, bt)
                     if center:
                         b = b - b.mean()
-                    _write(gm, bt, q.T @ b)
+                    write_attr(gm, bt, q.T @ b)
                     basis["first_axis"].append(bt)
         for lin, na in readers:
             path = module_path(lin)
@@ -330,12 +331,12 @@ class RotatePass(LlmqPass):
                 beta = _read(gm, na.bias.target)
                 extra = wm @ beta
                 bias = extra if bias is None else bias + extra
-            _write(gm, wt, (wm * g[None, :]) @ q)
+            write_attr(gm, wt, (wm * g[None, :]) @ q)
             basis["last_axis"].append(wt)
             basis.setdefault("readers", []).append(wt)
             if bias is not None:
                 if len(lin.args) > 2 and isinstance(lin.args[2], fx.Node):
-                    _write(gm, lin.args[2].target, bias)
+                    write_attr(gm, lin.args[2].target, bias)
                 else:
                     bt = f"{path}.bias"
                     home = attr(gm, wt)
@@ -345,7 +346,7 @@ class RotatePass(LlmqPass):
                     lin.args = (lin.args[0], lin.args[1], b_node)
         for na in norms:
             ref = attr(gm, na.weight.target)
-            _write(gm, na.weight.target, torch.full_like(ref, 1.0 - na.offset, dtype=torch.float64))  # weight + offset = 1
+            write_attr(gm, na.weight.target, torch.full_like(ref, 1.0 - na.offset, dtype=torch.float64))  # weight + offset = 1
             basis["last_axis"].append(na.weight.target)
             if na.kind == "layer_norm":
                 _layer_norm_to_rms(gm, na)
@@ -383,16 +384,16 @@ class RotatePass(LlmqPass):
             wv = full[rows]  # V's rows: all of v_proj, or V's part of a fused qkv_proj
             n_kv = wv.shape[0] // hd
             full[rows] = torch.einsum("ji,hjc->hic", h, wv.reshape(n_kv, hd, -1)).reshape(n_kv * hd, -1)
-            _write(gm, vt, full)
+            write_attr(gm, vt, full)
             if len(v_proj.args) > 2 and isinstance(v_proj.args[2], fx.Node):
                 bt = _own_param(gm, v_proj, v_proj.args[2], f"{vpath}.bias")
                 bias = _read(gm, bt)
                 bias[rows] = (bias[rows].reshape(n_kv, hd) @ h).reshape(-1)
-                _write(gm, bt, bias)
+                write_attr(gm, bt, bias)
             ot = _own_param(gm, out, out.args[1], f"{opath}.weight")
             wo = _read(gm, ot)
             n_q = wo.shape[1] // hd
-            _write(gm, ot, (wo.reshape(wo.shape[0], n_q, hd) @ h).reshape(wo.shape[0], -1))
+            write_attr(gm, ot, (wo.reshape(wo.shape[0], n_q, hd) @ h).reshape(wo.shape[0], -1))
             done.append(vpath)
         return {"value_heads": len(done)}
 
@@ -409,7 +410,7 @@ class RotatePass(LlmqPass):
             f = w.shape[1]
             a_mat, b_mat = (m.to(w.device) for m in kron_factors(f, gen))
             a, b = a_mat.shape[0], b_mat.shape[0]
-            _write(gm, wt, w @ torch.kron(a_mat, b_mat))
+            write_attr(gm, wt, w @ torch.kron(a_mat, b_mat))
             base = "llmq_rotation_" + path.replace(".", "_")
             home = attr(gm, wt)
             set_attr(gm, f"{base}_a", a_mat.to(device=home.device, dtype=home.dtype).contiguous())
@@ -584,16 +585,26 @@ def _check_param(user: fx.Node, node) -> None:
 
 
 # -- helpers ------------------------------------------------------------------------------------
+def residual_basis(gm: fx.GraphModule) -> list[tuple[str, int]] | None:
+    """The tensors ``RotatePass`` recorded as the residual basis, as ``(target, axis)`` (-1: the stream is
+    their last axis, 0: their first), each tensor once even when two names hold it; None when the graph
+    has no rotated residual stream. ``SortResidualPass`` and ``LearnRotationPass`` transform exactly these."""
+    basis = gm.meta.get("llmq_fx", {}).get("residual_basis")
+    if not basis or not basis.get("readers"):
+        return None
+    seen, out = set(), []
+    for axis, key in ((-1, "last_axis"), (0, "first_axis")):
+        for target in basis[key]:
+            if id(attr(gm, target)) not in seen:
+                seen.add(id(attr(gm, target)))
+                out.append((target, axis))
+    return out
+
+
 def _read(gm: fx.GraphModule, target: str) -> torch.Tensor:
     """A parameter/buffer as float64 on the compute device (``graph.compute_device``): a graph kept on
     the host is rotated on the device one tensor at a time."""
     return attr(gm, target).detach().to(compute_device(gm)).to(torch.float64)  # moved as stored, widened there
-
-
-def _write(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
-    """Overwrite a parameter/buffer in place (dtype/device kept) from a float64 value."""
-    t = attr(gm, target)
-    t.data = value.to(t.dtype).to(t.device).reshape(t.shape).contiguous()  # narrowed where computed, then moved
 
 
 def _own_param(gm: fx.GraphModule, user: fx.Node, w_node: fx.Node, preferred: str) -> str:

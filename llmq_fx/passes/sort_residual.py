@@ -24,8 +24,9 @@ from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from llmq_fx.errors import ConfigError
-from llmq_fx.graph import attr, is_linear
+from llmq_fx.graph import attr, compute_device, is_linear
 from llmq_fx.passes.base import CalibratedPass
+from llmq_fx.passes.rotate import residual_basis
 
 __all__ = ["SortResidualPass", "SortResidualOptions"]
 
@@ -53,22 +54,17 @@ class SortResidualPass(CalibratedPass):
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         meta = gm.meta.setdefault("llmq_fx", {})
-        basis = meta.get("residual_basis")
-        if not basis or not basis.get("readers"):
+        tensors = residual_basis(gm)
+        if tensors is None:
             meta["residual_sort"] = {"sorted": False, "reason": "no rotated residual stream (rotation skipped)"}
             return PassResult(gm, False)
-        readers = set(basis["readers"])
+        readers = set(meta["residual_basis"]["readers"])
         score = self._channel_score(gm, readers)
         perm = torch.argsort(score.cpu(), stable=True)
-        done: set[int] = set()  # a tensor behind two names (tied weights) is permuted once
         with torch.no_grad():
-            for axis, targets in ((-1, basis["last_axis"]), (0, basis["first_axis"])):
-                for target in targets:
-                    t = attr(gm, target)
-                    if id(t) in done:
-                        continue
-                    done.add(id(t))
-                    t.data = t.data.index_select(axis % t.dim(), perm.to(t.device)).contiguous()
+            for target, axis in tensors:  # each tensor once, also behind two names (tied weights)
+                t = attr(gm, target)
+                t.data = t.data.index_select(axis % t.dim(), perm.to(t.device)).contiguous()
         meta["residual_sort"] = {"sorted": True, "channels": int(perm.numel()), "sites": len(readers),
                                  "range_min": float(score.min()), "range_max": float(score.max())}
         gm.recompile()
@@ -91,7 +87,7 @@ class SortResidualPass(CalibratedPass):
                     maxima[n] = m if n not in maxima else torch.maximum(maxima[n], m)
                 return out
 
-        device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+        device = compute_device(gm)
         for batch in self._require_batches()[: self.options.batches]:
             Recorder(gm).run(batch.to(device))
         if not maxima:
