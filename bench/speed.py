@@ -258,6 +258,9 @@ def markdown(data: dict) -> str:
         if any(e.get("lockstep") for e in entries.values()):
             lines.append("| weights held on the device by the GPTQ walk, peak MiB | " + " | ".join(
                 _num((e.get("lockstep") or {}).get("peak_weight_bytes", 0) / MIB or None, ".0f") for e in entries.values()) + " |")
+            lines.append("| activations kept across batches by the walk, peak MiB (sites recomputed) | " + " | ".join(
+                f"{_num(w['peak_state_bytes'] / MIB, '.0f')} ({w['recomputed_sites']})" if "peak_state_bytes" in (w := e.get("lockstep") or {}) else "–"
+                for e in entries.values()) + " |")
         lines.append("| model (parameters) | " + " | ".join(f"{e['model']} ({e['parameters'] / 1e6:.0f} M, {e['dtype']})" for e in entries.values()) + " |")
         lines += ["", "| stage | " + " | ".join(f"{n} s | " + " | ".join(m for _, m in mems) for n in entries) + " |",
                   "|---|" + "---:|" * (len(entries) * (1 + len(mems)))]
@@ -275,7 +278,8 @@ def markdown(data: dict) -> str:
         summary_rows = [("floor s", "floor_s", ".2f"), ("pipeline s (trace .. quantize)", "pipeline_s", ".2f"),
                         ("**ratio pipeline / floor**", "ratio", ".2f"), ("calibrate / floor", "calibrate_ratio", ".2f"),
                         ("pipeline + export s", "pipeline_export_s", ".2f"), ("ratio (pipeline + export) / floor", "ratio_with_export", ".2f"),
-                        (f"peak {'GPU memory (allocated)' if gpu else 'RSS'} over the whole run MiB", "peak_mib", ".0f")]
+                        (f"peak {'GPU memory (allocated)' if gpu else 'RSS'} over the whole run MiB", "peak_mib", ".0f"),
+                        (f"peak {'GPU memory (allocated)' if gpu else 'RSS'} in the pipeline MiB", "pipeline_peak_mib", ".0f")]
         for label, key, fmt in summary_rows:
             vals = [e.get("summary", {}).get(key) for e in entries.values()]
             if any(v is not None for v in vals):
@@ -389,6 +393,7 @@ def run_one(name: str, args, device: torch.device, save) -> None:
                       "quantized_logits_finite": bool(torch.isfinite(logits).all())}
     peak_key = "peak_gpu_mib" if device.type == "cuda" else "peak_rss_mib"
     entry["summary"]["peak_mib"] = max(s[peak_key] for s in st.values())
+    entry["summary"]["pipeline_peak_mib"] = max(st[s][peak_key] for s in PIPELINE if s in st)
     entry["machine"]["loadavg_end"] = os.getloadavg()
     entry["complete"] = True
     save(name, entry)

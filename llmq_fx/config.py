@@ -95,6 +95,10 @@ class QuantConfig:
         calib_dtype: the dtype the sequential GPTQ walk carries its two lanes of activations in:
             "float32", or "bfloat16" (CUDA only: half the activation memory; weights are cast as
             they are used, GPTQ's moments and math stay float32).
+        calib_cache_gib: the most GiB of calibration activations the sequential GPTQ walk keeps
+            across batches; where a site's inputs over all batches would not fit, they are
+            recomputed from the last point that did (same result, more compute). null: no cap on
+            the CPU, a fifth of the device's memory on CUDA.
     """
 
     w_bits: int | None = 4
@@ -132,6 +136,7 @@ class QuantConfig:
     calib_batch_size: int = 4
     calib_precision: str = "tf32"
     calib_dtype: str = "float32"
+    calib_cache_gib: float | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -193,6 +198,10 @@ class QuantConfig:
                 raise ConfigError(f"config key {key!r} must be a positive integer, got {v!r}")
         if self.calib_precision not in CALIB_PRECISIONS:
             raise ConfigError(f"config key 'calib_precision' must be one of {list(CALIB_PRECISIONS)}, got {self.calib_precision!r}")
+        if self.calib_cache_gib is not None and (
+                isinstance(self.calib_cache_gib, bool) or not isinstance(self.calib_cache_gib, (int, float))
+                or not self.calib_cache_gib >= 0):
+            raise ConfigError(f"config key 'calib_cache_gib' must be a number of GiB >= 0 or null, got {self.calib_cache_gib!r}")
         if self.calib_dtype not in CALIB_DTYPES:
             raise ConfigError(f"config key 'calib_dtype' must be one of {list(CALIB_DTYPES)}, got {self.calib_dtype!r}")
         if self.calib_dtype != "float32" and not self.runs_sequential_gptq():

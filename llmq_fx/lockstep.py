@@ -1,12 +1,14 @@
-"""Run an observed graph over every calibration batch one node at a time, in two lanes.
+"""Run an observed graph over every calibration batch up to each observer in turn, in two lanes.
 
 Sequential weight quantization (``SequentialGPTQPass``) needs, at each observer site, the inputs
 the *already quantized* upstream model gives that site, over all calibration batches, before it can
 quantize the site's Linears, and the quantized model's inputs to the next site depend on that
 result. Running the whole model once per site would cost a forward pass per site. Instead
-``run_lockstep`` walks the graph's nodes in order and evaluates each node for every batch before
-moving on, so at an observer node all batches' inputs are at hand, and whatever the site callback
-rewrites downstream (new weight nodes inserted before the consumers) is what the next nodes run.
+``run_lockstep`` keeps every batch's state at a point of the graph (a *checkpoint*: the values
+computed before that point that a node after it still reads) and, for the next observer, runs each
+batch from the checkpoint up to the observer and hands the callback the producer's value per batch.
+Whatever the callback rewrites downstream (new weight nodes inserted before the consumers) is what
+the walk runs next.
 
 Two lanes are kept per batch:
 
@@ -15,23 +17,32 @@ Two lanes are kept per batch:
   the sites already visited).
 
 A value that is the same in both lanes (everything upstream of the first site, the attention mask,
-position ids, parameters) is computed once and shared. Values are dropped as soon as every user of
-their node has run, so memory is the live set of the graph times the number of batches, as in a
-layer-by-layer GPTQ that keeps every calibration sequence's hidden state.
+position ids, parameters) is computed once and shared. Values are dropped as soon as every node that
+reads them has run.
 
-Weights are fetched when a node first reads them, not where their ``get_attr`` nodes stand (a
-captured graph lists them all at its top), moved to the compute device (``graph.compute_device``)
-and freed after their last reader: with the graph on the host and ``quantize(..., device="cuda")``,
-the device holds the layer being walked, not the model. With ``dtype`` (``calib_dtype``, bfloat16)
-the Linears and attention run in that dtype, as under autocast: their inputs are cast, their outputs
-and the elementwise ops after them (activation functions, gates; the sites' inputs) stay in it, and
-what meets a float32 tensor (the residual stream, norms, positions) stays float32.
+**Memory.** The site's inputs over all batches are the states at the site; keeping them is what makes
+the walk cost one forward per lane. ``budget`` caps the bytes of activations kept across batches:
+while the states at a site fit it (measured on the first batch), they become the new checkpoint and
+the callback's later passes read them from memory; where they do not (an fc2 input four times the
+hidden width), the checkpoint stays where it was (a narrower point, typically the previous site) and
+each pass over the site's inputs recomputes them batch by batch from there. The result is the same
+either way (the same operations on the same values); a smaller budget costs recomputation, not
+accuracy. ``budget=None``: no cap.
+
+**Weights.** Weights are fetched when a node first reads them, not where their ``get_attr`` nodes
+stand (a captured graph lists them all at its top), moved to the compute device
+(``graph.compute_device``) and freed once the checkpoint has passed their last reader: with the graph
+on the host and ``quantize(..., device="cuda")``, the device holds the layer being walked, not the
+model. With ``dtype`` (``calib_dtype``, bfloat16) the Linears and attention run in that dtype, as under
+autocast: their inputs are cast, their outputs and the elementwise ops after them (activation
+functions, gates; the sites' inputs) stay in it, and what meets a float32 tensor (the residual stream,
+norms, positions) stays float32.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -48,14 +59,27 @@ _aten = torch.ops.aten
 _PRODUCTS = {_aten.scaled_dot_product_attention.default, _aten.matmul.default, _aten.mm.default, _aten.bmm.default,
              _aten.addmm.default, _aten.baddbmm.default, _aten.einsum.default}
 
+Env = dict[fx.Node, object]
 
-@dataclass
+
 class SiteInputs:
-    """What a site callback gets: the site and its producer's value per batch in each lane."""
+    """What a site callback gets: the site, and its producer's value per batch in each lane.
 
-    site: ObserverSite
-    ref: list[torch.Tensor]
-    quant: list[torch.Tensor]
+    Iterating yields ``(ref, quant)`` per batch, in batch order; it may be iterated more than once
+    (each pass reads the values from memory or recomputes them, see the module docstring), so a
+    callback should keep what it accumulates, not the tensors.
+    """
+
+    def __init__(self, site: ObserverSite, stream: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]], n: int):
+        self.site = site
+        self._stream = stream
+        self._n = n
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self._stream()
+
+    def __len__(self) -> int:
+        return self._n
 
 
 @dataclass
@@ -63,37 +87,48 @@ class SiteResult:
     """What a site callback returns.
 
     Attributes:
-        quant: the observer's output per batch in the quantized lane (what the quantized Linears
-            read, e.g. the activation QDQ of the producer).
+        transform: the observer's output in the quantized lane as a function of the producer's value
+            there (what the quantized Linears read, e.g. the activation QDQ); None: the producer's value.
         ref_overrides: value to use in the float lane for nodes the callback inserted whose
             quantized-lane value differs (a dequantized weight -> the float weight it replaced).
         raw_readers: consumers that read the producer's raw value in the quantized lane (skipped
-            Linears), not the callback's ``quant``.
+            Linears), not the callback's ``transform``.
     """
 
-    quant: list[torch.Tensor]
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None
     ref_overrides: dict[fx.Node, torch.Tensor] = field(default_factory=dict)
     raw_readers: list[fx.Node] = field(default_factory=list)
 
 
+def _tensors(env: Env) -> dict[int, int]:
+    """Distinct storages of an environment's tensors -> bytes."""
+    out = {}
+    for value in tree_leaves(list(env.values())):
+        if isinstance(value, torch.Tensor) and value.device.type != "meta":
+            out[value.untyped_storage().data_ptr()] = value.untyped_storage().nbytes()
+    return out
+
+
 def run_lockstep(
     gm: fx.GraphModule, batches: list[torch.Tensor], on_site: Callable[[SiteInputs], SiteResult], progress: bool = True,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype = torch.float32, budget: int | None = None,
 ) -> dict:
-    """Evaluate ``gm`` on ``batches`` node by node up to its last observer, calling ``on_site`` at each observer.
+    """Evaluate ``gm`` on ``batches`` up to each observer in turn, calling ``on_site`` at each observer.
 
     The graph must take token ids as its only input. ``on_site`` may insert nodes into the graph
     after the observer (before its consumers); they are evaluated when the walk reaches them. The
     float lane's observer output is the producer's value; the observer module itself is not called.
-    Nodes after the last observer (the logits) are not evaluated.
+    Nodes after the last observer (the logits) are not evaluated. ``budget``: the most bytes of
+    activations kept across batches (None: no cap), see the module docstring.
 
-    Returns ``{"peak_weight_bytes": ...}``: the most bytes of weights (fetched parameters and the
-    float weights the float lane keeps for quantized Linears) held on the compute device at once.
+    Returns ``{"peak_weight_bytes", "peak_state_bytes", "recomputed_sites"}``: the most bytes of weights
+    (fetched parameters and the float weights the float lane keeps for quantized Linears) held on the
+    compute device at once, the most bytes of activation states kept across batches, and how many
+    sites read their inputs by recomputation.
     """
     sites = {s.observer: s for s in observer_sites(gm)}
     if not sites:
         raise CalibrationError("graph has no observers: run InsertObserversPass before sequential calibration")
-    last = list(sites)[-1]
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
         raise UnsupportedModelError(
@@ -102,7 +137,6 @@ def run_lockstep(
         )
     device = compute_device(gm)
     interp = fx.Interpreter(gm, garbage_collect_values=False)
-
     offloaded = any(p.device != device for p in gm.parameters())
 
     def place(value: object) -> object:
@@ -131,94 +165,167 @@ def run_lockstep(
             args, kwargs = tree_map(low, (args, kwargs))
         return node.target(*args, **kwargs)
 
-    ref: list[dict[fx.Node, object]] = [{} for _ in batches]
-    quant: list[dict[fx.Node, object]] = [{} for _ in batches]
-    ref_overrides: dict[fx.Node, torch.Tensor] = {}
+    # Walk state: per batch, the values at its checkpoint (`start`: the first node not evaluated yet).
+    ref: list[Env] = [{} for _ in batches]
+    quant: list[Env] = [{} for _ in batches]
+    weights: dict[fx.Node, torch.Tensor] = {}  # fetched get_attr values, shared by lanes and batches
+    ref_overrides: dict[fx.Node, torch.Tensor] = {}  # the float lane's value of a node the callbacks inserted
+    transforms: dict[fx.Node, Callable | None] = {}  # visited observer -> its quantized-lane function
     raw_of: dict[fx.Node, tuple[fx.Node, fx.Node]] = {}  # skipped consumer -> (observer, producer)
     extra_users: dict[fx.Node, set[fx.Node]] = {}  # producer -> skipped consumers that still read it
-    done: set[fx.Node] = set()
-    held: dict[fx.Node, int] = {}  # weights on the device now -> bytes
-    peak = [0]
-
-    def hold(node: fx.Node, value: torch.Tensor) -> None:
-        held[node] = value.nbytes
-        peak[0] = max(peak[0], sum(held.values()))
-
-    def evaluate(node: fx.Node, env: dict) -> object:
-        interp.env = env
-        if node in raw_of:  # a skipped Linear reads the raw producer, not the observer's QDQ
-            obs, producer = raw_of[node]
-            kept = env[obs]
-            env[obs] = env[producer]
-            try:
-                return run(node)
-            finally:
-                env[obs] = kept
-        return run(node)
-
-    def fetch_weights(node: fx.Node) -> None:
-        """The ``get_attr`` inputs of ``node`` not yet on the device: moved there once, shared by both lanes."""
-        for arg in node.all_input_nodes:
-            if arg.op == "get_attr" and arg not in quant[0]:
-                value = place(interp.fetch_attr(arg.target))
-                hold(arg, value)
-                for b in range(len(batches)):
-                    ref[b][arg] = quant[b][arg] = value
-
-    def release(node: fx.Node) -> None:
-        for arg in list(node.all_input_nodes) + ([raw_of[node][1]] if node in raw_of else []):
-            if arg in done and all(u in done for u in list(arg.users) + list(extra_users.get(arg, ()))):
-                for b in range(len(batches)):
-                    ref[b].pop(arg, None)
-                    quant[b].pop(arg, None)
-                held.pop(arg, None)
-
+    stats = {"peak_weight_bytes": 0, "peak_state_bytes": 0, "recomputed_sites": 0}
     current: list[fx.Node | None] = [None]
+    pos: dict[fx.Node, int] = {}
+    last_use: dict[fx.Node, int] = {}
 
-    def _walk(node: fx.Node) -> None:
-        with torch.no_grad():
-            while node is not None and node.op != "output":
-                current[0] = node
-                if node.op == "placeholder":
-                    for b, batch in enumerate(batches):
-                        ref[b][node] = quant[b][node] = batch.to(device)
-                elif node.op == "get_attr":
-                    pass  # fetched when a node first reads it (fetch_weights)
-                elif node in sites:
-                    site = sites[node]
-                    producer = site.producer
-                    result = on_site(SiteInputs(site, [r[producer] for r in ref], [q[producer] for q in quant]))
-                    for b in range(len(batches)):
-                        ref[b][node] = ref[b][producer]
-                        quant[b][node] = result.quant[b]
-                    for k, v in result.ref_overrides.items():
-                        ref_overrides[k] = place(v)
-                        hold(k, ref_overrides[k])
-                    for reader in result.raw_readers:
-                        raw_of[reader] = (node, producer)
-                        extra_users.setdefault(producer, set()).add(reader)
-                    bar.update(1)
+    def index() -> None:
+        """Positions and each value's last reader, after the graph changed."""
+        pos.clear()
+        pos.update((n, i) for i, n in enumerate(gm.graph.nodes))
+        last_use.clear()
+        for n in gm.graph.nodes:
+            readers = list(n.users) + list(extra_users.get(n, ()))
+            last_use[n] = max((pos[u] for u in readers), default=pos[n])
+
+    def note_weights() -> None:
+        held = sum(w.nbytes for w in weights.values()) + sum(w.nbytes for w in ref_overrides.values())
+        stats["peak_weight_bytes"] = max(stats["peak_weight_bytes"], held)
+
+    def note_states(nbytes: int) -> None:
+        stats["peak_state_bytes"] = max(stats["peak_state_bytes"], nbytes)
+
+    def fetch(node: fx.Node) -> None:
+        for arg in node.all_input_nodes:
+            if arg.op == "get_attr" and arg not in weights:
+                weights[arg] = place(interp.fetch_attr(arg.target))
+                note_weights()
+
+    def evaluate(node: fx.Node, env: Env, lane_ref: bool) -> object:
+        if node in sites:  # a visited observer: the producer in the float lane, its transform in the other
+            producer = node.args[0]
+            fn = transforms.get(node)
+            return env[producer] if lane_ref or fn is None else fn(env[producer])
+        if lane_ref and node in ref_overrides:
+            return ref_overrides[node]
+        interp.env = env
+        attrs = [a for a in node.all_input_nodes if a.op == "get_attr"]
+        for a in attrs:
+            env[a] = weights[a]
+        swapped = None
+        if not lane_ref and node in raw_of:  # a skipped Linear reads the raw producer, not the observer's QDQ
+            obs, producer = raw_of[node]
+            swapped = env[obs]
+            env[obs] = env[producer]
+        try:
+            return run(node)
+        finally:
+            if swapped is not None:
+                env[raw_of[node][0]] = swapped
+            for a in attrs:
+                env.pop(a, None)
+
+    def advance(b: int, stop: fx.Node) -> tuple[Env, Env]:
+        """Batch ``b``'s two lanes evaluated from its checkpoint up to ``stop`` (exclusive): new environments."""
+        r, q = dict(ref[b]), dict(quant[b])
+        node = start[b]
+        while node is not stop:
+            current[0] = node
+            if node.op == "placeholder":
+                r[node] = q[node] = batches[b].to(device)
+            elif node.op == "get_attr":
+                pass  # fetched when a node first reads it
+            elif node.op == "output":
+                raise CalibrationError(f"the walk passed the graph's output before observer {stop.name}")
+            else:
+                fetch(node)
+                shared = (node not in sites and node not in ref_overrides and node not in raw_of
+                          and all(a.op == "get_attr" or r[a] is q[a] for a in node.all_input_nodes))
+                if shared:
+                    r[node] = q[node] = evaluate(node, q, lane_ref=False)
                 else:
-                    fetch_weights(node)
-                    for b in range(len(batches)):
-                        shared = node not in ref_overrides and all(ref[b][a] is quant[b][a] for a in node.all_input_nodes)
-                        if shared and node not in raw_of:
-                            ref[b][node] = quant[b][node] = evaluate(node, quant[b])
-                        else:
-                            ref[b][node] = ref_overrides[node] if node in ref_overrides else evaluate(node, ref[b])
-                            quant[b][node] = evaluate(node, quant[b])
-                    ref_overrides.pop(node, None)  # held by the lanes now; freed with them
-                done.add(node)
-                release(node)
-                if node is last:
-                    break
-                node = node.next
+                    r[node] = evaluate(node, r, lane_ref=True)
+                    q[node] = evaluate(node, q, lane_ref=False)
+            here = pos[node]
+            for arg in [*node.all_input_nodes, node]:
+                if arg.op != "get_attr" and last_use[arg] <= here:
+                    r.pop(arg, None)
+                    q.pop(arg, None)
+            node = node.next
+        current[0] = stop  # what follows (the callback's work) is the site's
+        return r, q
 
+    def release_weights() -> None:
+        """Weights and float-lane overrides whose every reader lies before every batch's checkpoint."""
+        here = min(pos[n] for n in start)
+        for store in (weights, ref_overrides):
+            for n in [n for n in store if last_use[n] < here and pos[n] < here]:
+                del store[n]
+
+    def state_bytes() -> int:
+        seen: dict[int, int] = {}
+        for env in ref + quant:
+            seen.update(_tensors(env))
+        return sum(seen.values())
+
+    first = next(iter(gm.graph.nodes))
+    start: list[fx.Node] = [first for _ in batches]  # each batch's checkpoint: its first node not evaluated
+
+    def stream_for(site: ObserverSite) -> tuple[Callable[[], Iterator], Callable[[], bool]]:
+        """The site's inputs per batch. When the states at the site fit the budget (estimated on the first
+        batch computed), each batch computed moves its checkpoint to the site, so later passes read them
+        from memory; otherwise every pass recomputes them from the checkpoints."""
+        stop = site.observer
+        keep: list[bool | None] = [None]  # undecided until a batch is computed
+
+        def one_pass() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            for b in range(len(batches)):
+                if start[b] is stop:
+                    yield ref[b][site.producer], quant[b][site.producer]
+                    continue
+                r, q = advance(b, stop)
+                if keep[0] is None:
+                    per_batch = sum((_tensors(r) | _tensors(q)).values())
+                    keep[0] = budget is None or per_batch * len(batches) <= budget
+                if keep[0]:
+                    ref[b], quant[b], start[b] = r, q, stop
+                    note_states(state_bytes() if budget is not None or b == len(batches) - 1 else 0)
+                yield r[site.producer], q[site.producer]
+                del r, q
+
+        def settle() -> bool:
+            """After the callback: finish a move it left halfway; True when the site was recomputed."""
+            if keep[0] is None:
+                return False
+            if keep[0]:
+                for b in range(len(batches)):
+                    if start[b] is not stop:
+                        ref[b], quant[b] = advance(b, stop)
+                        start[b] = stop
+                note_states(state_bytes())
+                release_weights()
+            return not keep[0]
+
+        return one_pass, settle
+
+    index()
     bar = tqdm(total=len(sites), desc="sequential", unit="site", disable=not progress, leave=False)
-    node = next(iter(gm.graph.nodes))
     try:
-        _walk(node)
-        return {"peak_weight_bytes": peak[0]}
+        with torch.no_grad():
+            for observer, site in sites.items():
+                current[0] = observer
+                stream, settle = stream_for(site)
+                result = on_site(SiteInputs(site, stream, len(batches)))
+                transforms[observer] = result.transform
+                for k, v in result.ref_overrides.items():
+                    ref_overrides[k] = place(v)
+                for reader in result.raw_readers:
+                    raw_of[reader] = (observer, site.producer)
+                    extra_users.setdefault(site.producer, set()).add(reader)
+                note_weights()
+                index()
+                stats["recomputed_sites"] += settle()
+                bar.update(1)
+        return stats
     except torch.OutOfMemoryError as err:
         raise out_of_memory(err, current[0], len(batches)) from None
     finally:

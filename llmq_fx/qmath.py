@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterable
 
 import torch
 
@@ -374,9 +375,10 @@ def _gptq(weight, hessian, bits, group_size, act_order, damp, block_size, clip):
     return codes.to(torch.int8), scale
 
 
-def activation_error(weight: torch.Tensor, xs: list[torch.Tensor], quantizers: list, gram: bool | None = None) -> list[torch.Tensor]:
+def activation_error(weight: torch.Tensor, xs: Iterable[torch.Tensor], quantizers: list, gram: bool | None = None) -> list[torch.Tensor]:
     """``sum_x ||(Q(x) - x) W^T||^2`` for each activation quantizer ``Q`` (a callable on ``[tokens, C]``),
-    over the batches ``xs``: the output error a Linear of weight ``W`` (``[O, C]``) gets from ``Q``.
+    over the batches ``xs`` (read once, so a stream of batches will do): the output error a Linear of
+    weight ``W`` (``[O, C]``) gets from ``Q``.
 
     With ``D = Q(x) - x`` it equals ``sum_ij (D^T D)_ij (W^T W)_ij``. ``gram`` (default: when
     ``O > C``, e.g. q/k/v together, fc1, gate/up) takes that form: the ``[C, C]`` Gram matrix of ``D``
@@ -386,18 +388,19 @@ def activation_error(weight: torch.Tensor, xs: list[torch.Tensor], quantizers: l
     if gram is None:
         gram = outputs > channels
     wtw = w.T @ w if gram else None
-    errors = []
-    for quantize in quantizers:
-        acc = torch.zeros(channels, channels, device=w.device) if gram else torch.zeros((), dtype=torch.float64, device=w.device)
-        for x in xs:
-            flat = x.reshape(-1, channels).float()
+    if gram:
+        accs = [torch.zeros(channels, channels, device=w.device) for _ in quantizers]
+    else:
+        accs = [torch.zeros((), dtype=torch.float64, device=w.device) for _ in quantizers]
+    for x in xs:
+        flat = x.reshape(-1, channels).float()
+        for acc, quantize in zip(accs, quantizers):
             d = quantize(flat) - flat
             if gram:
                 acc.addmm_(d.T, d)
             else:
                 acc += (d @ w.T).square().sum().double()
-        errors.append((acc * wtw).sum().double() if gram else acc)
-    return errors
+    return [(acc * wtw).sum().double() for acc in accs] if gram else accs
 
 
 def input_aware_weight(

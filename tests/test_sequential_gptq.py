@@ -89,7 +89,7 @@ def test_quantized_lane_is_the_deployed_model(opt_gm, calib, monkeypatch, skip, 
 
     def spy(gm, batches, on_site, progress=True, **kwargs):
         def wrapped(inputs):
-            seen[inputs.site.producer.name] = [x.clone() for x in inputs.quant]
+            seen[inputs.site.producer.name] = [x_q.clone() for _, x_q in inputs]
             return on_site(inputs)
 
         return run(gm, batches, wrapped, progress, **kwargs)

@@ -33,6 +33,8 @@ quantized model's inputs. The site's scheme with that ratio is recorded in its `
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -63,12 +65,15 @@ class SequentialGPTQOptions(GPTQOptions):
         clip_search: candidate activation clip ratios, one chosen per site; None keeps ``activation``'s.
         calib_dtype: the floating dtype of the walk's two lanes ("float32" or "bfloat16");
             the moments are taken and GPTQ computes in float32 either way.
+        cache_gib: the most GiB of activations the walk keeps across batches (``run_lockstep``'s
+            budget); None: no cap on the CPU, a fifth of the device's memory on CUDA.
     """
 
     act_aware: float | None = 0.5
     activation: ActivationSpec = field(default_factory=ActivationSpec)
     clip_search: tuple[float, ...] | None = None
     calib_dtype: str = "float32"
+    cache_gib: float | None = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -95,7 +100,7 @@ class SequentialGPTQPass(CalibratedPass, GPTQPass):
         clip = tuple(float(r) for r in config.a_clip_search) if config.a_clip_search else None
         return cls(SequentialGPTQOptions(
             act_aware=float(config.gptq_act_aware), activation=config.activation_spec(), clip_search=clip,
-            calib_dtype=config.calib_dtype,
+            calib_dtype=config.calib_dtype, cache_gib=config.calib_cache_gib,
             **GPTQOptions.config_fields(config),
         ))
 
@@ -107,27 +112,34 @@ class SequentialGPTQPass(CalibratedPass, GPTQPass):
         def on_site(inputs: SiteInputs) -> SiteResult:
             nonlocal modified
             site = inputs.site
-            for x in inputs.ref:  # channel statistics of the float model's input, as calibrate() records
-                site.module(x)
             linears = [c for c in site.consumers if not is_skipped(module_path(c), self.options.skip)]
             raw = [c for c in site.consumers if c not in linears]
             linears = [c for c in linears if not is_integer_weight(c.args[1])]
+
+            def observed():  # the inputs per batch; the float lane's channel statistics, as calibrate() records
+                for x_ref, x_q in inputs:
+                    site.module(x_ref)
+                    yield x_ref, x_q
+
             if not linears:
-                return SiteResult(inputs.quant, raw_readers=raw)
+                for _ in observed():
+                    pass
+                return SiteResult(None, raw_readers=raw)
             channels = site.module.num_channels
             quant = self.options.activation.for_site(channels)
-            if self.options.clip_search:
-                quant = self._search_clip(gm, linears, quant, inputs.quant)
+            pairs = observed()
+            if self.options.clip_search:  # one pass over the inputs to choose the ratio, a second for the moments
+                quant = self._search_clip(gm, linears, quant, (x_q for _, x_q in pairs))
                 site.record.activation = quant
-            device = inputs.quant[0].device
+                pairs = iter(inputs)
+            device = compute_device(gm)
             hessian = torch.zeros(channels, channels, dtype=torch.float32, device=device)
             cross = torch.zeros_like(hessian)
-            outputs, tokens = [], 0
-            for x_ref, x_q in zip(inputs.ref, inputs.quant):  # GPTQ's moments at float32 accuracy
+            tokens = 0
+            for x_ref, x_q in pairs:  # GPTQ's moments at float32 accuracy
                 q = quant(x_q.reshape(-1, channels).float())
                 qmath.add_gram_(hessian, q, q)
                 qmath.add_gram_(cross, q, x_ref.reshape(-1, channels).float())
-                outputs.append(q.reshape(x_q.shape).to(x_q.dtype))
                 tokens += q.shape[0]
             hessian /= tokens
             cross /= tokens
@@ -138,10 +150,11 @@ class SequentialGPTQPass(CalibratedPass, GPTQPass):
                 records[module_path(linear)] = dict(record, sequential=True)
                 overrides[linear.args[1]] = weight  # the float lane keeps the float weight
                 modified = True
-            return SiteResult(outputs, overrides, raw)
+            return SiteResult(functools.partial(_quantized, quant, channels), overrides, raw)
 
         batches = self._require_batches()
-        walk = run_lockstep(gm, batches, on_site, self.progress, dtype=getattr(torch, self.options.calib_dtype))
+        walk = run_lockstep(gm, batches, on_site, self.progress, dtype=getattr(torch, self.options.calib_dtype),
+                            budget=self._budget(compute_device(gm)))
         check_statistics(gm)
         meta["calib_tokens"] = sum(b.numel() for b in batches)
         meta["lockstep"] = dict(walk, device=str(compute_device(gm)), dtype=self.options.calib_dtype)
@@ -150,11 +163,24 @@ class SequentialGPTQPass(CalibratedPass, GPTQPass):
         gm.recompile()
         return PassResult(gm, modified)
 
-    def _search_clip(self, gm, linears, quant: ActivationSpec, xs: list[torch.Tensor]) -> ActivationSpec:
+    def _budget(self, device: torch.device) -> int | None:
+        """Bytes of activations the walk may keep across batches."""
+        if self.options.cache_gib is not None:
+            return int(self.options.cache_gib * 2**30)
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).total_memory // 5
+        return None
+
+    def _search_clip(self, gm, linears, quant: ActivationSpec, xs: Iterable[torch.Tensor]) -> ActivationSpec:
         """``quant`` with the clip ratio among ``clip_search`` minimizing ``sum ||(Q(X~) - X~) W^T||^2``
-        over the site's Linears (``qmath.activation_error``)."""
-        device = xs[0].device
+        over the site's Linears (``qmath.activation_error``; ``xs`` read once)."""
+        device = compute_device(gm)
         weight = torch.cat([attr(gm, c.args[1].target).detach().to(device, torch.float32) for c in linears])
         candidates = [dataclasses.replace(quant, clip_ratio=r) for r in self.options.clip_search]
         errors = qmath.activation_error(weight, xs, candidates)
         return candidates[int(torch.stack(errors).argmin())]
+
+
+def _quantized(quant: ActivationSpec, channels: int, x: torch.Tensor) -> torch.Tensor:
+    """The quantized lane's value after a visited site: its activation QDQ, in the lane's dtype."""
+    return quant(x.reshape(-1, channels).float()).reshape(x.shape).to(x.dtype)
