@@ -57,11 +57,51 @@ def add_gram_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tens
     """``out += a^T b`` in float32 products, also while calibration allows TF32 (``calib_precision:
     "tf32"``): these are GPTQ's Hessian and cross moments. Measured on an H200 (8192 x 1024 inputs,
     max error / mean diagonal against float64): float32 2.3e-6, TF32 8.4e-5, and a three-product
-    TF32 split of each operand (hi + lo) 3.8e-5, so only float32 is float32-accurate. With TF32
-    moments the act-aware solve of an fc2 of the opt-6.7b shape (16384 inputs) found its Hessian not
-    positive definite; with float32 moments the same run went past it."""
+    TF32 split of each operand (hi + lo) 3.8e-5, so only float32 is float32-accurate (a later
+    measurement, 32768 tokens: chunking the tokens brought the split 9x closer, so the tensor cores'
+    accumulation is most of TF32's error there). With TF32 moments the act-aware solve of an fc2 of the
+    opt-6.7b shape (16384 inputs) found its Hessian not positive definite; with float32 moments the
+    same run went past it."""
     with cuda_matmul_precision("float32"):
         return out.addmm_(a.T, b)
+
+
+def add_moments_(hessian: torch.Tensor, cross: torch.Tensor, q: torch.Tensor, x: torch.Tensor) -> None:
+    """GPTQ's moments of one batch: ``hessian += q^T q`` and ``cross += q^T x`` (``q`` the quantized
+    model's quantized input, ``x`` the float model's input, both ``[tokens, C]``).
+
+    On the CPU, and on CUDA without TF32, two float32 products. On CUDA with TF32 allowed
+    (``calib_precision: "tf32"``) the Hessian stays a float32 product (its upper block triangle only,
+    mirrored: symmetric) and ``q^T x = q^T q + q^T (x - q)``: the float32 Gram plus a TF32 product of
+    the difference, which is small beside ``x`` (the activation quantizer's error and the upstream
+    layers' drift), so TF32's relative error applies to the small term only. About 0.4x of the two
+    float32 products' time."""
+    if not (q.is_cuda and torch.backends.cuda.matmul.allow_tf32):
+        add_gram_(hessian, q, q)
+        add_gram_(cross, q, x)
+        return
+    gram = _symmetric_gram(q)
+    hessian += gram
+    cross += gram
+    cross.addmm_(q.T, x - q)  # TF32
+
+
+def _symmetric_gram(q: torch.Tensor, blocks: int = 4) -> torch.Tensor:
+    """``q^T q`` in float32 products from the blocks on and above the diagonal (``blocks`` per side)."""
+    channels = q.shape[1]
+    if channels < 1024 or channels % blocks:
+        blocks = 1
+    width = channels // blocks
+    out = torch.empty(channels, channels, dtype=torch.float32, device=q.device)
+    with cuda_matmul_precision("float32"):
+        for i in range(blocks):
+            qi = q[:, i * width:(i + 1) * width]
+            for j in range(i, blocks):
+                block = qi.T @ q[:, j * width:(j + 1) * width]
+                out[i * width:(i + 1) * width, j * width:(j + 1) * width] = block
+                if j != i:
+                    out[j * width:(j + 1) * width, i * width:(i + 1) * width] = block.T
+    return out
 
 
 # Smallest scale: a channel that never moved from zero still gets a finite, positive scale.

@@ -197,3 +197,35 @@ def test_running_out_of_device_memory_names_the_node_and_the_bytes(monkeypatch):
     monkeypatch.setattr(sequential_gptq.qmath, "gptq_quantize_weight", boom)
     with pytest.raises(llmq_fx.errors.DeviceMemoryError, match=r"out of device memory at node .*q_proj.* \(asked 2.50 GiB"):
         llmq_fx.quantize(gm, torch.randint(0, 50, (2, 16)), {"rotate": False}, progress=False)
+
+
+def test_symmetric_gram_is_the_gram_matrix():
+    """The Hessian from the blocks on and above the diagonal, mirrored: equal to q^T q (float64 reference)."""
+    from llmq_fx import qmath
+
+    q = torch.randn(300, 1024, generator=torch.Generator().manual_seed(4))
+    gram = qmath._symmetric_gram(q)
+    assert torch.equal(gram, gram.T)
+    torch.testing.assert_close(gram.double(), q.double().T @ q.double(), rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="TF32 is a CUDA mode")
+def test_moments_with_tf32_stay_close_to_float64():
+    """With TF32 allowed, the Hessian stays float32-accurate and the cross moment, computed as the Gram plus a
+    TF32 product of the (small) difference, is closer to float64 than a TF32 product of q^T x."""
+    from llmq_fx import qmath
+    from llmq_fx.spec import ActivationSpec
+
+    g = torch.Generator(device="cuda").manual_seed(5)
+    x = torch.randn(16384, 2048, device="cuda", generator=g) * torch.rand(2048, device="cuda", generator=g).exp()
+    q = ActivationSpec(4, dynamic=True, group_size=64)(x)
+    h, c = torch.zeros(2048, 2048, device="cuda"), torch.zeros(2048, 2048, device="cuda")
+    with qmath.cuda_matmul_precision("tf32"):
+        qmath.add_moments_(h, c, q, x)
+        plain_tf32 = q.T @ x
+    h64, c64 = q.double().T @ q.double(), q.double().T @ x.double()
+    scale = h64.diagonal().mean()
+    with qmath.cuda_matmul_precision("float32"):
+        fp32_err = ((q.T @ x).double() - c64).abs().max() / scale
+    assert (h.double() - h64).abs().max() / scale < 2 * fp32_err
+    assert (c.double() - c64).abs().max() / scale < 0.5 * (plain_tf32.double() - c64).abs().max() / scale

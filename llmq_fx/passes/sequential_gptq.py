@@ -136,10 +136,9 @@ class SequentialGPTQPass(CalibratedPass, GPTQPass):
             hessian = torch.zeros(channels, channels, dtype=torch.float32, device=device)
             cross = torch.zeros_like(hessian)
             tokens = 0
-            for x_ref, x_q in pairs:  # GPTQ's moments at float32 accuracy
+            for x_ref, x_q in pairs:  # GPTQ's moments (qmath.add_moments_: float32 Hessian)
                 q = quant(x_q.reshape(-1, channels).float())
-                qmath.add_gram_(hessian, q, q)
-                qmath.add_gram_(cross, q, x_ref.reshape(-1, channels).float())
+                qmath.add_moments_(hessian, cross, q, x_ref.reshape(-1, channels).float())
                 tokens += q.shape[0]
             hessian /= tokens
             cross /= tokens
