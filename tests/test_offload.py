@@ -78,6 +78,9 @@ def test_bad_placement_is_refused_before_any_work(opt_gm, calib):
         llmq_fx.QuantConfig(calib_dtype="float16")
     with pytest.raises(ConfigError, match="calib_dtype"):  # only the sequential walk has lanes
         static_config(calib_dtype="bfloat16")
+    for bad in (-1, "8 GiB", True):
+        with pytest.raises(ConfigError, match="calib_cache_gib"):
+            llmq_fx.QuantConfig(calib_cache_gib=bad)
     # Stages that run whole-model forwards cannot leave the weights on the host ("meta" stands in
     # for another device; the check comes before any work).
     with pytest.raises(ConfigError, match="calibrate"):
