@@ -7,6 +7,8 @@ new pattern here, not a fork of the passes.
 
 from __future__ import annotations
 
+import copy
+
 import fnmatch
 from dataclasses import dataclass
 
@@ -28,6 +30,7 @@ __all__ = [
     "attr",
     "set_attr",
     "write_attr",
+    "share_tensors_copy",
     "compute_device",
     "observer_sites",
     "norm_affine",
@@ -111,10 +114,38 @@ def set_attr(gm: fx.GraphModule, target: str, value: torch.Tensor, buffer: bool 
 
 
 def write_attr(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
-    """Overwrite a parameter/buffer in place from a value computed elsewhere (e.g. float64 on the compute
-    device): narrowed to the tensor's dtype where it was computed, then moved to where the tensor lives."""
-    t = attr(gm, target)
-    t.data = value.to(t.dtype).to(t.device).reshape(t.shape).contiguous()
+    """Give a parameter/buffer a new value computed elsewhere (e.g. float64 on the compute device):
+    narrowed to the tensor's dtype where it was computed, then moved to where the tensor lives.
+
+    The tensor is replaced, not written into: every name bound to it in ``gm`` (tied weights) gets the
+    new one, and a graph that shares its tensors with another (``quantize()``'s copy shares the
+    input graph's) leaves the other's untouched."""
+    old = attr(gm, target)
+    data = value.to(old.dtype).to(old.device).reshape(old.shape).contiguous()
+    new = torch.nn.Parameter(data, requires_grad=old.requires_grad) if isinstance(old, torch.nn.Parameter) else data
+    for mod in gm.modules():
+        for store in (mod._parameters, mod._buffers):
+            for name, t in store.items():
+                if t is old:
+                    store[name] = new
+        for name, t in list(vars(mod).items()):
+            if t is old:  # a constant held as a plain attribute
+                setattr(mod, name, new)
+
+
+def share_tensors_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A deep copy of ``gm`` (graph, submodules, meta) whose parameters and buffers are ``gm``'s own
+    tensors: the passes replace tensors (``write_attr``, ``set_attr``) rather than write into them, so
+    the copy costs no second copy of the weights and ``gm`` stays as it was."""
+    memo = {}
+    for mod in gm.modules():
+        for t in list(mod._parameters.values()) + list(mod._buffers.values()):
+            if t is not None:
+                memo[id(t)] = t
+        for t in vars(mod).values():
+            if isinstance(t, torch.Tensor):
+                memo[id(t)] = t
+    return copy.deepcopy(gm, memo)
 
 
 def attr_users_elsewhere(gm: fx.GraphModule, get_attr_node: fx.Node, allowed: fx.Node) -> list[str]:

@@ -6,7 +6,6 @@ quantize; the static SmoothQuant/RPTQ-style one is observe -> calibrate -> smoot
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from collections.abc import Iterable
@@ -19,7 +18,7 @@ from llmq_fx import qmath
 from llmq_fx.calibrate import calibration_batches
 from llmq_fx.config import QuantConfig
 from llmq_fx.errors import ConfigError
-from llmq_fx.graph import is_linear, is_skipped, module_path
+from llmq_fx.graph import is_linear, is_skipped, module_path, share_tensors_copy
 from llmq_fx.passes.base import CalibratedPass
 from llmq_fx.recipe import recipe
 
@@ -67,7 +66,7 @@ def quantize(
     _check_group_size(gm, config)  # as does a group size that a Linear's width does not allow
     home = next((p.device for p in gm.parameters()), torch.device("cpu"))
     device = _check_device(config, passes, home, home if device is None else torch.device(device))
-    qgm = copy.deepcopy(gm)
+    qgm = share_tensors_copy(gm)  # the passes replace tensors, never write into them: gm stays as it was
     meta = qgm.meta.setdefault("llmq_fx", {})
     meta.update(config=config.to_dict(), recipe=passes.to_dict(), gptq_sequential=config.runs_sequential_gptq())
     if device != home:

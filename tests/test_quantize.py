@@ -208,3 +208,26 @@ def test_a_group_size_the_widths_do_not_allow_fails_before_any_work(monkeypatch)
     with pytest.raises(llmq_fx.ConfigError, match="w_group_size'=24 does not divide in_features=.* of model.decoder.layers.0"):
         llmq_fx.quantize(gm, torch.randint(0, 50, (2, 16)), {"w_group_size": 24}, progress=False)
     assert not started
+
+
+@pytest.mark.parametrize("cfg", [
+    {},  # rotation, sequential GPTQ, embeddings
+    {"sort_residual": True, "learn_rotation_steps": 2},
+    static_config(smooth_alpha=0.5, n_clusters=2).to_dict(),  # SmoothQuant folds into norms and weights
+    {"rotate": False, "embed_bits": None, "lm_head_bits": None},
+])
+def test_quantize_shares_the_input_tensors_and_leaves_them_alone(opt_gm, calib, cfg):
+    """quantize()'s copy of the graph holds the input graph's tensors until a pass replaces them (no
+    second copy of the weights), and no pass writes into them: the input graph is the same, bit for bit."""
+    before = {k: v.clone() for k, v in opt_gm.state_dict().items()}
+    storages = {t.untyped_storage().data_ptr() for t in before.values()}
+    inputs = {t.untyped_storage().data_ptr() for t in opt_gm.state_dict().values()}
+    qgm = llmq_fx.quantize(opt_gm, calib, dict(cfg, calib_batch_size=2), progress=False)
+    after = opt_gm.state_dict()
+    assert after.keys() == before.keys()
+    for key, value in before.items():
+        assert torch.equal(value, after[key]), key
+    assert not storages & inputs
+    if cfg.get("rotate") is False:  # the embedding is neither rotated nor quantized: the same tensor
+        shared = {t.untyped_storage().data_ptr() for t in qgm.state_dict().values()} & inputs
+        assert opt_gm.get_parameter("model.decoder.embed_tokens.weight").untyped_storage().data_ptr() in shared

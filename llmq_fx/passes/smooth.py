@@ -47,6 +47,7 @@ from llmq_fx.graph import (
     norm_affine,
     observer_sites,
     VIEW_OPS,
+    write_attr,
 )
 
 __all__ = ["SmoothPass", "SmoothOptions", "SmoothingSite", "smoothing_scales"]
@@ -218,8 +219,8 @@ class SmoothPass(LlmqPass):
         s = smoothing_scales(site.module.stats().absmax, w_absmax, self.options.alpha)
         for target in match.upstream:
             t = attr(gm, target)  # channel j along dim 0: norm vectors, Linear output rows and biases
-            t.div_(s.to(t).reshape([-1] + [1] * (t.dim() - 1)))
-        for w in weights:
-            w.mul_(s.to(w)[None, :])
+            write_attr(gm, target, t / s.to(t).reshape([-1] + [1] * (t.dim() - 1)))
+        for c, w in zip(site.consumers, weights):
+            write_attr(gm, c.args[1].target, w * s.to(w)[None, :])
         site.module.scale_channels(s)
         return s

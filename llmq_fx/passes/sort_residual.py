@@ -24,7 +24,7 @@ from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from llmq_fx.errors import ConfigError
-from llmq_fx.graph import attr, compute_device, is_linear
+from llmq_fx.graph import attr, compute_device, is_linear, write_attr
 from llmq_fx.passes.base import CalibratedPass
 from llmq_fx.passes.rotate import residual_basis
 
@@ -64,7 +64,7 @@ class SortResidualPass(CalibratedPass):
         with torch.no_grad():
             for target, axis in tensors:  # each tensor once, also behind two names (tied weights)
                 t = attr(gm, target)
-                t.data = t.data.index_select(axis % t.dim(), perm.to(t.device)).contiguous()
+                write_attr(gm, target, t.index_select(axis % t.dim(), perm.to(t.device)))
         meta["residual_sort"] = {"sorted": True, "channels": int(perm.numel()), "sites": len(readers),
                                  "range_min": float(score.min()), "range_max": float(score.max())}
         gm.recompile()
