@@ -267,6 +267,26 @@ def run_lockstep(
             seen.update(_tensors(env))
         return sum(seen.values())
 
+    checked: list[bool] = []
+
+    def preflight(per_batch: int) -> None:
+        """At the first site, before anything is quantized: does the device hold the least the walk needs,
+        the largest layer's weights plus every batch's states at a site in two lanes? One line if not."""
+        checked.append(True)
+        free = _free_device_bytes(device)
+        if free is None:
+            return
+        layer, weights = _largest_layer(gm)
+        weights = weights if offloaded else 0  # a graph on the device holds its weights there already
+        states = 2 * per_batch * len(batches)
+        if weights + states > free:
+            held = f"{layer} needs {weights / 2**30:.2f} GiB of weights and " if offloaded else ""
+            raise DeviceMemoryError(
+                f"not enough device memory for the sequential walk: {held}the {len(batches)} calibration batches' "
+                f"states at a site need {states / 2**30:.2f} GiB (two lanes), {free / 2**30:.2f} GiB free on {device}: "
+                "calibrate on fewer or shorter sequences, or on a larger device"
+            )
+
     first = next(iter(gm.graph.nodes))
     start: list[fx.Node] = [first for _ in batches]  # each batch's checkpoint: its first node not evaluated
 
@@ -285,6 +305,8 @@ def run_lockstep(
                 r, q = advance(b, stop)
                 if keep[0] is None:
                     per_batch = sum((_tensors(r) | _tensors(q)).values())
+                    if not checked:
+                        preflight(per_batch)
                     keep[0] = budget is None or per_batch * len(batches) <= budget
                 if keep[0]:
                     ref[b], quant[b], start[b] = r, q, stop
@@ -331,6 +353,28 @@ def run_lockstep(
     finally:
         bar.close()
         interp.env = {}
+
+
+def _free_device_bytes(device: torch.device) -> int | None:
+    """Bytes the walk can still allocate on ``device`` (free plus what PyTorch holds unused); None off CUDA."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def _largest_layer(gm: fx.GraphModule) -> tuple[str, int]:
+    """The module (``...layers.N``) whose parameters and buffers take the most bytes, and those bytes; the
+    largest single tensor where the graph has no numbered layers."""
+    sizes: dict[str, int] = {}
+    for name, t in list(gm.named_parameters()) + list(gm.named_buffers()):
+        found = re.match(r"(.*?(?:layers?|blocks?|h)\.\d+)\.", name)
+        key = found.group(1) if found else name
+        sizes[key] = sizes.get(key, 0) + t.nbytes
+    if not sizes:
+        return "the graph", 0
+    key = max(sizes, key=sizes.get)
+    return key, sizes[key]
 
 
 def out_of_memory(err: BaseException, node: fx.Node | None, batches: int) -> DeviceMemoryError:

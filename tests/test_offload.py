@@ -156,3 +156,25 @@ def test_recomputed_site_inputs_give_the_same_model(calib):
         assert state.keys() == full.keys()
         for key, value in full.items():
             assert torch.equal(value, state[key]), key
+
+
+def test_too_little_device_memory_is_named_before_any_work(deep_gm, calib, monkeypatch):
+    """Where the device cannot hold the largest layer's weights plus every batch's states at a site (two
+    lanes), the walk stops at the first site, before any Linear is quantized, with one line naming the
+    layer, what it needs and what is free. ("meta" stands in for a device whose free memory is patched.)"""
+    from llmq_fx import lockstep
+    from llmq_fx.errors import DeviceMemoryError
+    from llmq_fx.passes import sequential_gptq
+
+    calls = []
+    monkeypatch.setattr(lockstep, "_free_device_bytes", lambda device: 4096)
+    monkeypatch.setattr(sequential_gptq.qmath, "gptq_quantize_weight", lambda *a, **k: calls.append(a))
+    gm = copy.deepcopy(deep_gm)
+    RotatePass()(gm)
+    InsertObserversPass()(gm)
+    gm.meta.setdefault("llmq_fx", {})["device"] = "meta"
+    sequential = SequentialGPTQPass(weight=WeightSpec(4), activation=ActivationSpec(4, group_size=16))
+    with pytest.raises(DeviceMemoryError, match=r"model\.decoder\.layers\.0 needs 0\.00 GiB of weights and the 3 calibration "
+                                                r"batches' states at a site need .* GiB \(two lanes\), 0\.00 GiB free on meta"):
+        sequential.with_calibration(calibration_batches(calib, 2), progress=False)(gm)
+    assert not calls
