@@ -30,6 +30,7 @@ __all__ = [
     "attr",
     "set_attr",
     "write_attr",
+    "traced_dtype",
     "share_tensors_copy",
     "compute_device",
     "observer_sites",
@@ -113,15 +114,22 @@ def set_attr(gm: fx.GraphModule, target: str, value: torch.Tensor, buffer: bool 
         mod.register_parameter(name, torch.nn.Parameter(value, requires_grad=False))
 
 
-def write_attr(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
+def traced_dtype(node: fx.Node) -> torch.dtype | None:
+    """The dtype a ``get_attr`` node had when the graph was captured (its ``val``), if recorded."""
+    val = node.meta.get("val")
+    return getattr(val, "dtype", None) if isinstance(val, torch.Tensor) else None
+
+
+def write_attr(gm: fx.GraphModule, target: str, value: torch.Tensor, dtype: torch.dtype | None = None) -> None:
     """Give a parameter/buffer a new value computed elsewhere (e.g. float64 on the compute device):
     narrowed to the tensor's dtype where it was computed, then moved to where the tensor lives.
 
     The tensor is replaced, not written into: every name bound to it in ``gm`` (tied weights) gets the
     new one, and a graph that shares its tensors with another (``quantize()``'s copy shares the
-    input graph's) leaves the other's untouched."""
+    input graph's) leaves the other's untouched. ``dtype``: store it in that dtype instead of the
+    tensor's own."""
     old = attr(gm, target)
-    data = value.to(old.dtype).to(old.device).reshape(old.shape).contiguous()
+    data = value.to(dtype or old.dtype).to(old.device).reshape(old.shape).contiguous()
     new = torch.nn.Parameter(data, requires_grad=old.requires_grad) if isinstance(old, torch.nn.Parameter) else data
     for mod in gm.modules():
         for store in (mod._parameters, mod._buffers):

@@ -51,7 +51,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from tqdm.auto import tqdm
 
 from llmq_fx.errors import CalibrationError, DeviceMemoryError, UnsupportedModelError
-from llmq_fx.graph import ObserverSite, compute_device, is_linear, observer_sites
+from llmq_fx.graph import ObserverSite, compute_device, is_linear, observer_sites, traced_dtype
 
 __all__ = ["SiteInputs", "SiteResult", "run_lockstep"]
 
@@ -197,7 +197,11 @@ def run_lockstep(
     def fetch(node: fx.Node) -> None:
         for arg in node.all_input_nodes:
             if arg.op == "get_attr" and arg not in weights:
-                weights[arg] = place(interp.fetch_attr(arg.target))
+                value = place(interp.fetch_attr(arg.target))
+                want = traced_dtype(arg)  # weights stored narrower than captured (bfloat16 on the host) compute as captured
+                if want is not None and isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != want:
+                    value = value.to(want)
+                weights[arg] = value
                 note_weights()
 
     def evaluate(node: fx.Node, env: Env, lane_ref: bool) -> object:

@@ -18,7 +18,7 @@ from llmq_fx import qmath
 from llmq_fx.calibrate import calibration_batches
 from llmq_fx.config import QuantConfig
 from llmq_fx.errors import ConfigError
-from llmq_fx.graph import is_linear, is_skipped, module_path, share_tensors_copy
+from llmq_fx.graph import attr, is_linear, is_skipped, module_path, share_tensors_copy, traced_dtype, write_attr
 from llmq_fx.passes.base import CalibratedPass
 from llmq_fx.recipe import recipe
 
@@ -66,6 +66,13 @@ def quantize(
     _check_group_size(gm, config)  # as does a group size that a Linear's width does not allow
     home = next((p.device for p in gm.parameters()), torch.device("cpu"))
     device = _check_device(config, passes, home, home if device is None else torch.device(device))
+    narrow = _captured_dtypes(gm)
+    whole = [p.stage for p in passes if p.stage in ("calibrate", "sort", "learn_rotation")]
+    if narrow and whole:
+        raise ConfigError(
+            f"{next(iter(narrow))} is stored as {attr(gm, next(iter(narrow))).dtype} in a graph captured in another dtype: only the "
+            f"sequential GPTQ walk computes such weights as captured, and stage(s) {', '.join(whole)} run whole-model "
+            "forwards; store the weights in the captured dtype")
     qgm = share_tensors_copy(gm)  # the passes replace tensors, never write into them: gm stays as it was
     meta = qgm.meta.setdefault("llmq_fx", {})
     meta.update(config=config.to_dict(), recipe=passes.to_dict(), gptq_sequential=config.runs_sequential_gptq())
@@ -85,7 +92,30 @@ def quantize(
             logger.info("stage %s: %.2f s", p.stage, timings[p.stage])
     if meta.pop("device", None) is not None:
         qgm.to(home)  # the few small tensors made on the device (activation ranges, statistics) join the weights
+    _as_captured(qgm, narrow)
     return qgm
+
+
+def _captured_dtypes(gm: fx.GraphModule) -> dict[str, torch.dtype]:
+    """Floating tensors of ``gm`` stored in another dtype than the graph was captured with (bfloat16
+    weights of a float32 capture, to halve host memory) -> the captured dtype. The sequential walk
+    computes them as captured."""
+    out = {}
+    for node in gm.graph.nodes:
+        want = traced_dtype(node) if node.op == "get_attr" else None
+        if want is not None and want.is_floating_point:
+            t = attr(gm, node.target)
+            if t.is_floating_point() and t.dtype != want:
+                out[node.target] = want
+    return out
+
+
+def _as_captured(gm: fx.GraphModule, captured: dict[str, torch.dtype]) -> None:
+    """What no pass replaced (norms, biases, a float lm_head) back in the captured dtype: the graph runs as captured."""
+    for name, t in list(gm.named_parameters()) + list(gm.named_buffers()):
+        want = captured.get(name)
+        if want is not None and t.dtype != want:
+            write_attr(gm, name, t, dtype=want)
 
 
 def _check_device(config: QuantConfig, passes, home: torch.device, device: torch.device) -> torch.device:

@@ -178,3 +178,43 @@ def test_too_little_device_memory_is_named_before_any_work(deep_gm, calib, monke
                                                 r"batches' states at a site need .* GiB \(two lanes\), 0\.00 GiB free on meta"):
         sequential.with_calibration(calibration_batches(calib, 2), progress=False)(gm)
     assert not calls
+
+
+def _stored_as(gm, dtype):
+    """``gm`` with every floating parameter and buffer stored in ``dtype`` (the graph still captured in float32)."""
+    from llmq_fx.graph import share_tensors_copy, write_attr
+
+    out = share_tensors_copy(gm)
+    for name, t in list(out.named_parameters()) + list(out.named_buffers()):
+        if t.is_floating_point():
+            write_attr(out, name, t, dtype=dtype)
+    return out
+
+
+@pytest.mark.parametrize("cfg, exact", [({"rotate": False}, True), ({}, False)])
+def test_bfloat16_stored_weights_compute_as_captured(deep_gm, calib, eval_ids, cfg, exact):
+    """Weights stored in bfloat16 (half the host memory) in a graph captured in float32: the walk, GPTQ and the
+    embedding quantizer compute them in float32, and the result is stored as captured. Without rotation the model
+    equals the one quantized from float32 weights holding the same (bfloat16-rounded) values, bit for bit; with
+    rotation the rotated weights are rounded to bfloat16 once more, so the logits are close, not equal."""
+    narrow = _stored_as(deep_gm, torch.bfloat16)
+    rounded = _stored_as(narrow, torch.float32)
+    assert any(t.dtype == torch.bfloat16 for t in narrow.parameters())
+    q_narrow = llmq_fx.quantize(narrow, calib, cfg, progress=False)
+    q_rounded = llmq_fx.quantize(rounded, calib, cfg, progress=False)
+    assert not any(t.dtype == torch.bfloat16 for t in list(q_narrow.parameters()) + list(q_narrow.buffers()))
+    with torch.no_grad():
+        a, b = q_narrow(eval_ids), q_rounded(eval_ids)
+    if exact:
+        state, other = q_narrow.state_dict(), q_rounded.state_dict()
+        assert state.keys() == other.keys()
+        for key in state:
+            assert torch.equal(state[key], other[key]), key
+    else:  # as far from the float model as the float32-stored one is, and mostly the same predictions
+        with torch.no_grad():
+            ref = rounded(eval_ids)
+        err_narrow, err_rounded = (a - ref).square().mean(), (b - ref).square().mean()
+        assert err_narrow <= 1.25 * err_rounded, (err_narrow, err_rounded)
+        assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
+    with pytest.raises(ConfigError, match="stored as torch.bfloat16 .* whole-model"):
+        llmq_fx.quantize(narrow, calib, static_config(), progress=False)

@@ -167,7 +167,7 @@ class GPTQPass(LlmqPass):
             raise UnsupportedModelError(f"GPTQ: the weight of {path} is computed in the graph, not a parameter")
         weight = attr(gm, w_node.target)
         home = weight.device  # GPTQ computes where the Hessian is; the integer weight is stored with the graph
-        weight = weight.to(hessian.device)
+        weight = weight.to(hessian.device, torch.float32)  # also where the graph stores it narrower
         opts, spec = self.options, self.options.weight
         if spec.group_size is not None and weight.shape[1] % spec.group_size:
             raise ConfigError(

@@ -265,7 +265,7 @@ class InsertQDQPass(LlmqPass):
             raise ConfigError(
                 f"config key 'w_group_size'={spec.group_size} does not divide in_features={weight.shape[1]} of {path}"
             )
-        qweight, scale = spec.quantize(weight.to(compute_device(gm)))
+        qweight, scale = spec.quantize(weight.to(compute_device(gm), torch.float32))
         insert_weight_dequant(gm, linear, path, qweight.to(weight.device), scale.to(weight.device), spec.bits)
 
 

@@ -175,7 +175,7 @@ class QuantizeEmbeddingsPass(LlmqPass):
         w_node = node.args[index]
         path = module_path(node)
         home = attr(gm, w_node.target)
-        weight = home.to(compute_device(gm))  # the clip search runs where the passes compute
+        weight = home.to(compute_device(gm), torch.float32)  # the clip search runs where the passes compute
         spec = dataclasses.replace(spec, group_size=_group_for(weight.shape[1], spec.group_size))
         qweight, scale = spec.quantize(weight)
         deq = insert_weight_dequant(gm, node, path, qweight.to(home.device), scale.to(home.device), spec.bits, index=index)

@@ -74,6 +74,7 @@ from llmq_fx.graph import (
     norm_affine,
     set_attr,
     site_role,
+    traced_dtype,
     write_attr,
 )
 from llmq_fx.passes.base import LlmqPass
@@ -340,7 +341,7 @@ class RotatePass(LlmqPass):
                 else:
                     bt = f"{path}.bias"
                     home = attr(gm, wt)
-                    set_attr(gm, bt, bias.to(device=home.device, dtype=home.dtype), buffer=False)
+                    set_attr(gm, bt, bias.to(device=home.device, dtype=traced_dtype(lin.args[1]) or home.dtype), buffer=False)
                     with gm.graph.inserting_before(lin):
                         b_node = gm.graph.get_attr(bt)
                     lin.args = (lin.args[0], lin.args[1], b_node)
@@ -353,7 +354,8 @@ class RotatePass(LlmqPass):
         online = []
         if plan.post_norms:
             home = attr(gm, norms[0].weight.target)
-            set_attr(gm, "llmq_rotation_residual", q.to(device=home.device, dtype=home.dtype).contiguous())
+            dtype = traced_dtype(norms[0].weight) or home.dtype  # as captured, also where weights are stored narrower
+            set_attr(gm, "llmq_rotation_residual", q.to(device=home.device, dtype=dtype).contiguous())
             basis["last_axis"].append("llmq_rotation_residual")
             for na in plan.post_norms:  # residual += norm(y) @ Q: the norm's own weight stays elementwise
                 with gm.graph.inserting_after(na.node):
@@ -413,8 +415,9 @@ class RotatePass(LlmqPass):
             write_attr(gm, wt, w @ torch.kron(a_mat, b_mat))
             base = "llmq_rotation_" + path.replace(".", "_")
             home = attr(gm, wt)
-            set_attr(gm, f"{base}_a", a_mat.to(device=home.device, dtype=home.dtype).contiguous())
-            set_attr(gm, f"{base}_b", b_mat.to(device=home.device, dtype=home.dtype).contiguous())
+            dtype = traced_dtype(lin.args[1]) or home.dtype  # as captured, also where weights are stored narrower
+            set_attr(gm, f"{base}_a", a_mat.to(device=home.device, dtype=dtype).contiguous())
+            set_attr(gm, f"{base}_b", b_mat.to(device=home.device, dtype=dtype).contiguous())
             stack = lin.meta.get("nn_module_stack", {})
             with graph.inserting_before(lin):
                 a_node = graph.get_attr(f"{base}_a")

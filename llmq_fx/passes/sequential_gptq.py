@@ -44,7 +44,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from llmq_fx import qmath
 from llmq_fx.calibrate import check_statistics
 from llmq_fx.errors import ConfigError
-from llmq_fx.graph import attr, compute_device, is_skipped, module_path
+from llmq_fx.graph import attr, compute_device, is_skipped, module_path, traced_dtype
 from llmq_fx.lockstep import SiteInputs, SiteResult, run_lockstep
 from llmq_fx.passes.base import CalibratedPass
 from llmq_fx.passes.gptq import GPTQOptions, GPTQPass
@@ -145,6 +145,7 @@ class SequentialGPTQPass(CalibratedPass, GPTQPass):
             overrides = {}
             for linear in linears:
                 weight = attr(gm, linear.args[1].target)
+                weight = weight.to(traced_dtype(linear.args[1]) or weight.dtype)  # as the float lane computes
                 record = self._quantize_linear(gm, linear, hessian, site.name, cross)
                 records[module_path(linear)] = dict(record, sequential=True)
                 overrides[linear.args[1]] = weight  # the float lane keeps the float weight
