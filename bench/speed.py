@@ -13,8 +13,11 @@ observers; ``ratio`` is pipeline time over floor time.
 
 * ``--models``: built-in models (``llmq_fx.models.load_model``), calibrated on the built-in text,
   ``--calib-samples`` windows of ``--seq-len`` tokens (the CLI's defaults: 32 x 512, batch 4).
-* ``--shapes``: random-init OPTs with the real configs of facebook/opt-{125m,1.3b,6.7b,13b}, built
-  directly on ``--device``, calibrated on random token ids (``--calib NxT``); timings only.
+* ``--shapes``: random-init OPTs with the real configs of facebook/opt-{125m,1.3b,6.7b,13b,30b}, built
+  directly on ``--device``, calibrated on random token ids (``--calib NxT``); timings only. With
+  ``--host-weights --weights-dtype bfloat16`` a shape is instead captured on the meta device and
+  materialized tensor by tensor from seeded generators: a float32 copy on ``--device`` for the floor,
+  a bfloat16 copy on the host for quantize (which computes it in float32); no whole model is built.
 * ``--host-weights``: after the floor, the traced graph moves to the host and ``llmq_fx.quantize(...,
   device=--device)`` quantizes it layer by layer (each weight on the device only while the walk
   reads it); the entry records the walk's peak of weights held on the device.
@@ -66,6 +69,7 @@ SHAPES = {
     "opt-1.3b": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, ffn_dim=8192),
     "opt-6.7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, ffn_dim=16384),
     "opt-13b": dict(hidden_size=5120, num_hidden_layers=40, num_attention_heads=40, ffn_dim=20480),
+    "opt-30b": dict(hidden_size=7168, num_hidden_layers=48, num_attention_heads=56, ffn_dim=28672),
 }
 _OPT_COMMON = dict(vocab_size=50272, max_position_embeddings=2048, do_layer_norm_before=True, activation_function="relu",
                    dropout=0.0, attention_dropout=0.0, enable_bias=True, tie_word_embeddings=True)
@@ -190,6 +194,48 @@ def random_opt(shape: str, device: torch.device):
     return model
 
 
+def meta_opt_graph(shape: str):
+    """A random-init OPT shape captured on the meta device: the graph costs no memory for its weights."""
+    from accelerate import init_empty_weights
+    from transformers import OPTConfig, OPTForCausalLM
+
+    config = OPTConfig(**_OPT_COMMON, **SHAPES[shape], word_embed_proj_dim=SHAPES[shape]["hidden_size"])
+    with init_empty_weights():
+        model = OPTForCausalLM(config).float().eval()
+    model.tie_weights()  # not done on the meta device by the constructor: the lm_head is the embedding, as built on a device
+    return llmq_fx.trace(model), config
+
+
+def materialize(gm, config, device: torch.device, dtype: torch.dtype):
+    """``meta_opt_graph``'s graph materialized tensor by tensor from seeded generators on ``device`` (OPT's
+    initialisation: normal(0, init_std) weights, unit norm weights, zero biases): the float32 graph on
+    ``device`` (for the floor) and the same values stored in ``dtype`` on the host (what quantize walks).
+    No whole model is built anywhere else."""
+    import zlib
+
+    from llmq_fx.graph import share_tensors_copy, write_attr
+
+    on_device, on_host = share_tensors_copy(gm), share_tensors_copy(gm)
+    for name, t in list(gm.named_parameters()) + list(gm.named_buffers()):
+        if t.device.type != "meta":
+            continue
+        g = torch.Generator(device=device).manual_seed(zlib.crc32(name.encode()))
+        if name.endswith("bias"):
+            value = torch.zeros(t.shape, device=device)
+        elif "layer_norm" in name:
+            value = torch.ones(t.shape, device=device)
+        else:
+            value = torch.empty(t.shape, device=device).normal_(0.0, config.init_std, generator=g)
+        write_attr(on_device, name, value, device=device)
+        write_attr(on_host, name, value, dtype=dtype, device="cpu")
+    for graph_module, where in ((on_device, torch.device(device)), (on_host, torch.device("cpu"))):
+        for node in graph_module.graph.nodes:  # factories and checks traced with the meta device
+            if isinstance(node.kwargs.get("device"), torch.device) and node.kwargs["device"].type == "meta":
+                node.kwargs = {**node.kwargs, "device": where}
+        graph_module.recompile()
+    return on_device, on_host
+
+
 def parse_calib(text: str) -> tuple[int, int]:
     n, _, t = text.lower().partition("x")
     return int(n), int(t)
@@ -309,7 +355,17 @@ def run_one(name: str, args, device: torch.device, save) -> None:
     clock = StageClock(device)
     entry: dict = {"command": args.command, "machine": machine(device), "device": str(device), "stages": clock.stages}
     clock.start()
-    if name in SHAPES:
+    stored = getattr(torch, args.weights_dtype) if args.weights_dtype else None
+    host_gm = model = None
+    if name in SHAPES and stored is not None:  # captured on meta, materialized tensor by tensor: no whole model built
+        gm, mconfig = meta_opt_graph(name)
+        clock.lap("trace")
+        gm, host_gm = materialize(gm, mconfig, device, stored)
+        n, t = parse_calib(args.calib)
+        calib = torch.randint(0, mconfig.vocab_size, (n, t), generator=torch.Generator().manual_seed(0))
+        entry["model"] = (f"random-init {name} shape, captured on the meta device, weights from seeded generators "
+                          f"(float32 on {device} for the floor, {args.weights_dtype} on the host for quantize)")
+    elif name in SHAPES:
         model, n, t = random_opt(name, device), *parse_calib(args.calib)
         calib = torch.randint(0, model.config.vocab_size, (n, t), generator=torch.Generator().manual_seed(0))
         entry["model"] = f"random-init {name} shape"
@@ -319,9 +375,10 @@ def run_one(name: str, args, device: torch.device, save) -> None:
         calib = calibration_set(tokenize(tok, load_text("calib")), args.calib_samples, args.seq_len)
         entry["model"] = name
     clock.lap("load")
-    entry["parameters"] = sum(p.numel() for p in model.parameters())
-    entry["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
-    entry["attention"] = getattr(model.config, "_attn_implementation", None)
+    source = model if model is not None else gm
+    entry["parameters"] = sum(p.numel() for p in source.parameters())
+    entry["dtype"] = str(next(source.parameters()).dtype).removeprefix("torch.") + (f", stored {args.weights_dtype} on the host" if stored else "")
+    entry["attention"] = getattr(model.config if model is not None else mconfig, "_attn_implementation", None)
     config = llmq_fx.QuantConfig.from_dict({**json.loads(args.config), "calib_batch_size": args.batch_size})
     torch.backends.cuda.matmul.allow_tf32 = args.tf32 or config.calib_precision == "tf32"  # the floor in the same precision
     entry["config"] = config.to_dict()
@@ -329,15 +386,21 @@ def run_one(name: str, args, device: torch.device, save) -> None:
     entry["calib"] = {"samples": int(calib.shape[0]), "seq_len": int(calib.shape[1]), "tokens": int(calib.numel()),
                       "batch_size": args.batch_size, "source": "random token ids" if name in SHAPES else "built-in calib text"}
 
-    clock.start()
-    gm = llmq_fx.trace(model)
-    clock.lap("trace")
+    if model is not None:
+        clock.start()
+        gm = llmq_fx.trace(model)
+        clock.lap("trace")
     float_forward(gm, calib[: args.batch_size, : min(calib.shape[1], 128)], args.batch_size, device)  # warm-up, untimed
     clock.start()
     float_forward(gm, calib, args.batch_size, device)
     clock.lap("floor")
     entry["placement"] = f"weights on the host, computed on {device}" if args.host_weights else f"weights on {device}"
-    if args.host_weights:  # quantize(device=) walks a graph traced on the host; the floor above ran on the device
+    if host_gm is not None:  # the floor's device graph goes; quantize walks the host copy
+        del gm
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        gm = host_gm
+    elif args.host_weights:  # quantize(device=) walks a graph traced on the host; the floor above ran on the device
         del gm
         model.to("cpu")
         if device.type == "cuda":
@@ -473,11 +536,16 @@ def main() -> None:
                    "the config's calib_precision)")
     p.add_argument("--host-weights", action="store_true", help="keep the graph on the host and quantize it layer by layer on "
                    "--device (llmq_fx.quantize(..., device=)); the floor still runs with the model on the device")
+    p.add_argument("--weights-dtype", choices=["bfloat16"], help="--shapes with --host-weights: capture on the meta device, "
+                   "materialize each tensor from a seeded generator, and store the host copy in this dtype (opt-30b's float32 "
+                   "weights do not fit the host); the floor runs a float32 copy on --device")
     p.add_argument("--peer", action="store_true", help="--shapes: also run llm-compressor's GPTQModifier on the same shape and tokens")
     p.add_argument("--tag", help="appended to every entry name, e.g. tf32")
     p.add_argument("--json", type=Path, default=RESULTS / "speed.json")
     p.add_argument("--merge", type=Path, nargs="*", default=[], help="speed JSON files from other machines to fold into --json")
     args = p.parse_args()
+    if args.weights_dtype and not args.host_weights:
+        p.error("--weights-dtype stores the host copy that --host-weights quantizes: add --host-weights")
     args.command = "python bench/speed.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
     warnings.filterwarnings("ignore")
