@@ -120,16 +120,17 @@ def traced_dtype(node: fx.Node) -> torch.dtype | None:
     return getattr(val, "dtype", None) if isinstance(val, torch.Tensor) else None
 
 
-def write_attr(gm: fx.GraphModule, target: str, value: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+def write_attr(gm: fx.GraphModule, target: str, value: torch.Tensor, dtype: torch.dtype | None = None,
+               device: torch.device | str | None = None) -> None:
     """Give a parameter/buffer a new value computed elsewhere (e.g. float64 on the compute device):
     narrowed to the tensor's dtype where it was computed, then moved to where the tensor lives.
 
     The tensor is replaced, not written into: every name bound to it in ``gm`` (tied weights) gets the
     new one, and a graph that shares its tensors with another (``quantize()``'s copy shares the
-    input graph's) leaves the other's untouched. ``dtype``: store it in that dtype instead of the
-    tensor's own."""
+    input graph's) leaves the other's untouched. ``dtype``, ``device``: store it in that dtype, on that
+    device, instead of the tensor's own (``device`` materializes a graph captured on the meta device)."""
     old = attr(gm, target)
-    data = value.to(dtype or old.dtype).to(old.device).reshape(old.shape).contiguous()
+    data = value.to(dtype or old.dtype).to(device or old.device).reshape(old.shape).contiguous()
     new = torch.nn.Parameter(data, requires_grad=old.requires_grad) if isinstance(old, torch.nn.Parameter) else data
     for mod in gm.modules():
         for store in (mod._parameters, mod._buffers):

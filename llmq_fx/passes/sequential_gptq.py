@@ -21,8 +21,9 @@ Rewrite: as ``GPTQPass`` (``llmq.dequantize_weight`` of integer codes per Linear
 ``gm.meta["llmq_fx"]["gptq"]``, with ``sequential: True``). The quantized lane then reads the
 site's activations through ``input_quant`` and the new integer weights, as the deployed graph will
 once ``InsertQDQPass`` has turned the observer into the same dynamic QDQ; the observers stay for
-that pass. Cost: two float forwards over the calibration set instead of one, all batches' live
-activations in memory at once.
+that pass. Cost: two float forwards over the calibration set instead of one (two lanes), and every
+batch's state at the last site passed kept in memory; where a site's states exceed ``cache_gib``,
+its inputs are recomputed from the previous site on each pass instead (``lockstep``).
 
 With ``clip_search`` (a list of ratios), each site's activation clip ratio is chosen before its
 moments are taken: the one minimizing ``sum ||(Q(X~) - X~) W^T||^2`` over the site's Linears on the
