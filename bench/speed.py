@@ -143,7 +143,7 @@ class _StageEnds(logging.Handler):
             self.clock.lap(str(record.args[0]))
 
 
-def quantize_by_stage(gm, calib: torch.Tensor, config, clock: StageClock, device=None):
+def quantize_by_stage(gm, calib: torch.Tensor, config, clock: StageClock, device=None, inplace: bool = False):
     """``llmq_fx.quantize`` with the clock lapped at each of its stage ends."""
     qlog = logging.getLogger("llmq_fx.quantize")
     handler, level = _StageEnds(clock), qlog.level
@@ -151,7 +151,7 @@ def quantize_by_stage(gm, calib: torch.Tensor, config, clock: StageClock, device
     qlog.setLevel(logging.INFO)
     try:
         clock.start()
-        qgm = llmq_fx.quantize(gm, calib, config, progress=False, device=device)
+        qgm = llmq_fx.quantize(gm, calib, config, progress=False, device=device, inplace=inplace)
     finally:
         qlog.removeHandler(handler)
         qlog.setLevel(level)
@@ -410,7 +410,8 @@ def run_one(name: str, args, device: torch.device, save) -> None:
         clock.lap("trace")
     save(name, entry)
 
-    qgm = quantize_by_stage(gm, calib, config, clock, device if args.host_weights else None)
+    # The materialized host copy is the bench's own: quantized in place, its originals freed as they are replaced.
+    qgm = quantize_by_stage(gm, calib, config, clock, device if args.host_weights else None, inplace=host_gm is not None)
     entry["lockstep"] = qgm.meta["llmq_fx"].get("lockstep")
     st = clock.stages
     floor = st["floor"]["seconds"]

@@ -231,3 +231,16 @@ def test_quantize_shares_the_input_tensors_and_leaves_them_alone(opt_gm, calib, 
     if cfg.get("rotate") is False:  # the embedding is neither rotated nor quantized: the same tensor
         shared = {t.untyped_storage().data_ptr() for t in qgm.state_dict().values()} & inputs
         assert opt_gm.get_parameter("model.decoder.embed_tokens.weight").untyped_storage().data_ptr() in shared
+
+
+def test_quantize_inplace_rewrites_the_input_to_the_same_model(opt_gm, calib):
+    """inplace=True returns the input graph itself, rewritten into the model the copying call returns."""
+    copied = llmq_fx.quantize(opt_gm, calib, dict(calib_batch_size=2), progress=False)
+    own = copy.deepcopy(opt_gm)
+    out = llmq_fx.quantize(own, calib, dict(calib_batch_size=2), progress=False, inplace=True)
+    assert out is own
+    state, other = out.state_dict(), copied.state_dict()
+    assert state.keys() == other.keys()
+    for key in state:
+        assert torch.equal(state[key], other[key]), key
+    assert str(out.graph) == str(copied.graph)
