@@ -8,7 +8,6 @@ new pattern here, not a fork of the passes.
 from __future__ import annotations
 
 import copy
-
 import fnmatch
 from dataclasses import dataclass
 
@@ -29,6 +28,7 @@ __all__ = [
     "module_path",
     "attr",
     "set_attr",
+    "read_attr",
     "write_attr",
     "traced_dtype",
     "share_tensors_copy",
@@ -112,6 +112,13 @@ def set_attr(gm: fx.GraphModule, target: str, value: torch.Tensor, buffer: bool 
         mod.register_buffer(name, value)
     else:
         mod.register_parameter(name, torch.nn.Parameter(value, requires_grad=False))
+
+
+def read_attr(gm: fx.GraphModule, target: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A parameter/buffer where the passes compute (``compute_device``), in ``dtype``: moved as stored,
+    widened there. The counterpart of ``write_attr``; with the graph on the host and
+    ``quantize(..., device=)``, the passes compute on the device one tensor at a time."""
+    return attr(gm, target).detach().to(compute_device(gm)).to(dtype)
 
 
 def traced_dtype(node: fx.Node) -> torch.dtype | None:

@@ -71,14 +71,8 @@ def quantize(
     batches = calibration_batches(calib, config.calib_batch_size)  # a bad calibration set fails before any work
     _check_group_size(gm, config)  # as does a group size that a Linear's width does not allow
     home = next((p.device for p in gm.parameters()), torch.device("cpu"))
-    device = _check_device(config, passes, home, home if device is None else torch.device(device))
     narrow = _captured_dtypes(gm)
-    whole = [p.stage for p in passes if p.stage in ("calibrate", "sort", "learn_rotation")]
-    if narrow and whole:
-        raise ConfigError(
-            f"{next(iter(narrow))} is stored as {attr(gm, next(iter(narrow))).dtype} in a graph captured in another dtype: only the "
-            f"sequential GPTQ walk computes such weights as captured, and stage(s) {', '.join(whole)} run whole-model "
-            "forwards; store the weights in the captured dtype")
+    device = _check_device(config, passes, home, home if device is None else torch.device(device), gm, narrow)
     qgm = gm if inplace else share_tensors_copy(gm)  # the passes replace tensors, never write into them
     meta = qgm.meta.setdefault("llmq_fx", {})
     meta.update(config=config.to_dict(), recipe=passes.to_dict(), gptq_sequential=config.runs_sequential_gptq())
@@ -124,9 +118,17 @@ def _as_captured(gm: fx.GraphModule, captured: dict[str, torch.dtype]) -> None:
             write_attr(gm, name, t, dtype=want)
 
 
-def _check_device(config: QuantConfig, passes, home: torch.device, device: torch.device) -> torch.device:
-    """``device`` if this config can compute there, else a ``ConfigError`` saying what to change."""
+def _check_device(config: QuantConfig, passes, home: torch.device, device: torch.device, gm: fx.GraphModule,
+                  narrow: dict[str, torch.dtype]) -> torch.device:
+    """``device`` if this config can compute there with ``gm``'s weights where and as they are stored
+    (``narrow``: ``_captured_dtypes``), else a ``ConfigError`` saying what to change."""
     whole = [p.stage for p in passes if p.stage in ("calibrate", "sort", "learn_rotation")]  # whole-model forwards
+    if narrow and whole:
+        first = next(iter(narrow))
+        raise ConfigError(
+            f"{first} is stored as {attr(gm, first).dtype} in a graph captured in another dtype: only the sequential "
+            f"GPTQ walk computes such weights as captured, and stage(s) {', '.join(whole)} run whole-model forwards; "
+            "store the weights in the captured dtype")
     if device != home and whole:
         raise ConfigError(
             f"quantize(device={str(device)!r}) with the weights on {home}: stage(s) {', '.join(whole)} run whole-model "

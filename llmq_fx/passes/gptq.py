@@ -51,7 +51,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from llmq_fx import ops  # noqa: F401  (registers torch.ops.llmq)
 from llmq_fx import qmath
 from llmq_fx.errors import ConfigError, StatisticsError, UnsupportedModelError
-from llmq_fx.graph import attr, is_skipped, module_path, observer_sites
+from llmq_fx.graph import is_skipped, module_path, observer_sites, read_attr
 from llmq_fx.passes.base import LlmqPass
 from llmq_fx.passes.insert_qdq import insert_weight_dequant, is_integer_weight
 from llmq_fx.spec import WeightSpec
@@ -165,9 +165,7 @@ class GPTQPass(LlmqPass):
         w_node = linear.args[1]
         if not (isinstance(w_node, fx.Node) and w_node.op == "get_attr"):
             raise UnsupportedModelError(f"GPTQ: the weight of {path} is computed in the graph, not a parameter")
-        weight = attr(gm, w_node.target)
-        home = weight.device  # GPTQ computes where the Hessian is; the integer weight is stored with the graph
-        weight = weight.to(hessian.device, torch.float32)  # also where the graph stores it narrower
+        weight = read_attr(gm, w_node.target)  # float32 where the passes compute; codes stored with the graph
         opts, spec = self.options, self.options.weight
         if spec.group_size is not None and weight.shape[1] % spec.group_size:
             raise ConfigError(
@@ -202,7 +200,7 @@ class GPTQPass(LlmqPass):
             }
             if cross is not None:
                 record["target_shift"] = output_error(original, weight, hessian)
-        insert_weight_dequant(gm, linear, path, qweight.to(home), scale.to(home), spec.bits)
+        insert_weight_dequant(gm, linear, path, qweight, scale, spec.bits)
         logger.info("gptq %s: relative output error %.4g (round-to-nearest %.4g)",
                     path, record["gptq_error"], record["rtn_error"])
         return record

@@ -53,7 +53,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from llmq_fx import ops  # noqa: F401  (registers torch.ops.llmq)
 from llmq_fx import qmath
 from llmq_fx.errors import ConfigError
-from llmq_fx.graph import attr, compute_device, is_skipped, linear_nodes, module_path, observer_sites, set_attr
+from llmq_fx.graph import attr, is_skipped, linear_nodes, module_path, observer_sites, read_attr, set_attr
 from llmq_fx.passes.base import LlmqPass
 from llmq_fx.spec import SITE_META, ActivationSpec, SiteRecord, WeightSpec
 
@@ -260,13 +260,13 @@ class InsertQDQPass(LlmqPass):
         if is_integer_weight(w_node):
             return  # already integer (an earlier weight pass, e.g. GPTQ, quantized it)
         spec = self.options.weight
-        weight = attr(gm, w_node.target)
+        weight = read_attr(gm, w_node.target)
         if spec.group_size is not None and weight.shape[1] % spec.group_size:
             raise ConfigError(
                 f"config key 'w_group_size'={spec.group_size} does not divide in_features={weight.shape[1]} of {path}"
             )
-        qweight, scale = spec.quantize(weight.to(compute_device(gm), torch.float32))
-        insert_weight_dequant(gm, linear, path, qweight.to(weight.device), scale.to(weight.device), spec.bits)
+        qweight, scale = spec.quantize(weight)
+        insert_weight_dequant(gm, linear, path, qweight, scale, spec.bits)
 
 
 def _clusters_label(record: SiteRecord) -> int | str | None:
@@ -293,9 +293,13 @@ def insert_weight_dequant(
     module path (``weight_int_2``/``weight_scale_2``... when that module is called at another place
     too and its first call already took the names). Shared by every weight quantizer (round-to-nearest
     here, GPTQ) so the exporter sees one pattern. Returns the dequantize node, whose ``WEIGHT_META``
-    names the float weight it replaced.
+    names the float weight it replaced. They are stored where the weight they replace lives (on the host
+    when the passes compute elsewhere).
     """
     w_node = linear.args[index]
+    if isinstance(w_node, fx.Node) and w_node.op == "get_attr":
+        home = attr(gm, w_node.target).device
+        qweight, scale = qweight.to(home), scale.to(home)
     owner = gm.get_submodule(path.rpartition(".")[0]) if "." in path else gm
     leaf = path.rpartition(".")[2]
     module = getattr(owner, leaf, None) if leaf else None

@@ -33,7 +33,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from llmq_fx import ops  # noqa: F401  (registers torch.ops.llmq)
 from llmq_fx import qmath
-from llmq_fx.graph import VIEW_OPS, attr, compute_device, is_linear, module_path
+from llmq_fx.graph import VIEW_OPS, is_linear, module_path, read_attr
 from llmq_fx.passes.base import LlmqPass
 from llmq_fx.passes.insert_qdq import delete_replaced_weights, insert_weight_dequant, is_integer_weight
 from llmq_fx.spec import ActivationSpec, WeightSpec
@@ -174,11 +174,10 @@ class QuantizeEmbeddingsPass(LlmqPass):
     def _quantize(self, gm: fx.GraphModule, node: fx.Node, index: int, spec: WeightSpec, kind: str) -> dict:
         w_node = node.args[index]
         path = module_path(node)
-        home = attr(gm, w_node.target)
-        weight = home.to(compute_device(gm), torch.float32)  # the clip search runs where the passes compute
+        weight = read_attr(gm, w_node.target)  # the clip search runs where the passes compute
         spec = dataclasses.replace(spec, group_size=_group_for(weight.shape[1], spec.group_size))
         qweight, scale = spec.quantize(weight)
-        deq = insert_weight_dequant(gm, node, path, qweight.to(home.device), scale.to(home.device), spec.bits, index=index)
-        err = (qmath.dequantize_weight(qweight, scale) - weight.float()).square().sum() / weight.float().square().sum()
+        deq = insert_weight_dequant(gm, node, path, qweight, scale, spec.bits, index=index)
+        err = (qmath.dequantize_weight(qweight, scale) - weight).square().sum() / weight.square().sum()
         return {"kind": kind, "bits": spec.bits, "group_size": spec.group_size, "shape": list(weight.shape),
                 "relative_error": float(err), "node": deq.name}

@@ -72,6 +72,7 @@ from llmq_fx.graph import (
     linear_nodes,
     module_path,
     norm_affine,
+    read_attr,
     set_attr,
     site_role,
     traced_dtype,
@@ -605,9 +606,8 @@ def residual_basis(gm: fx.GraphModule) -> list[tuple[str, int]] | None:
 
 
 def _read(gm: fx.GraphModule, target: str) -> torch.Tensor:
-    """A parameter/buffer as float64 on the compute device (``graph.compute_device``): a graph kept on
-    the host is rotated on the device one tensor at a time."""
-    return attr(gm, target).detach().to(compute_device(gm)).to(torch.float64)  # moved as stored, widened there
+    """A parameter/buffer as float64 on the compute device (``graph.read_attr``)."""
+    return read_attr(gm, target, torch.float64)
 
 
 def _own_param(gm: fx.GraphModule, user: fx.Node, w_node: fx.Node, preferred: str) -> str:

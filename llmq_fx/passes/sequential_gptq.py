@@ -45,7 +45,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from llmq_fx import qmath
 from llmq_fx.calibrate import check_statistics
 from llmq_fx.errors import ConfigError
-from llmq_fx.graph import attr, compute_device, is_skipped, module_path, traced_dtype
+from llmq_fx.graph import attr, compute_device, is_skipped, module_path, read_attr, traced_dtype
 from llmq_fx.lockstep import SiteInputs, SiteResult, run_lockstep
 from llmq_fx.passes.base import CalibratedPass
 from llmq_fx.passes.gptq import GPTQOptions, GPTQPass
@@ -175,8 +175,7 @@ class SequentialGPTQPass(CalibratedPass, GPTQPass):
     def _search_clip(self, gm, linears, quant: ActivationSpec, xs: Iterable[torch.Tensor]) -> ActivationSpec:
         """``quant`` with the clip ratio among ``clip_search`` minimizing ``sum ||(Q(X~) - X~) W^T||^2``
         over the site's Linears (``qmath.activation_error``; ``xs`` read once)."""
-        device = compute_device(gm)
-        weight = torch.cat([attr(gm, c.args[1].target).detach().to(device, torch.float32) for c in linears])
+        weight = torch.cat([read_attr(gm, c.args[1].target) for c in linears])
         candidates = [dataclasses.replace(quant, clip_ratio=r) for r in self.options.clip_search]
         errors = qmath.activation_error(weight, xs, candidates)
         return candidates[int(torch.stack(errors).argmin())]
