@@ -18,7 +18,7 @@ from collections.abc import Iterable
 
 import torch
 
-from llmq_fx import gptq_kernel
+from llmq_fx import kernels
 from llmq_fx.errors import StatisticsError
 
 __all__ = [
@@ -196,7 +196,13 @@ def dynamic_fake_quantize(
     activation clipping, 0.9 there): the few values beyond saturate, the rest get a finer step.
     ``group_size`` > 0 splits each token into groups of that many consecutive channels, each with
     its own range (fine-grained activation groups, as Atom does); 0 is one range per token.
+    On CUDA with Triton, one fused kernel computes the same values (``kernels.dynamic_qdq``).
     """
+    if x.is_cuda and kernels.available(x):
+        qmin, qmax = integer_range(bits, symmetric)
+        out = kernels.dynamic_qdq(x, qmin, qmax, symmetric, clip_ratio, group_size or x.shape[-1], SCALE_EPS)
+        if out is not None:
+            return out
     if group_size:
         channels = x.shape[-1]
         if channels % group_size:
@@ -327,7 +333,7 @@ def gptq_quantize_weight(
     * ``clip``: every scale comes from ``weight_scale``'s clipping search instead of the plain absmax.
 
     All math is float32 on ``weight``'s device (CUDA when the model is on CUDA). On CUDA, with Triton
-    importable and static scales, each block's column loop runs as one kernel (``gptq_kernel``).
+    importable and static scales, each block's column loop runs as one kernel (``kernels.gptq_block``).
 
     Returns:
         ``(qweight, scale)`` in ``quantize_weight``'s layout: int8 ``[out, in]`` codes, float32 scale
@@ -378,7 +384,7 @@ def _gptq(weight, hessian, bits, group_size, act_order, damp, block_size, clip):
 
     u = _upper_cholesky_of_inverse(h, damp)
     codes = torch.empty_like(w)
-    one_launch = static_scale and gptq_kernel.available(w)  # the loop below as one Triton kernel per block
+    one_launch = static_scale and kernels.available(w)  # the loop below as one Triton kernel per block
     for i1 in range(0, in_features, block_size):
         i2 = min(i1 + block_size, in_features)
         w1 = w[:, i1:i2].clone()
@@ -387,7 +393,7 @@ def _gptq(weight, hessian, bits, group_size, act_order, damp, block_size, clip):
         if one_launch and not (i2 - i1) & (i2 - i1 - 1):
             block_codes = torch.empty_like(w1)
             block_scale = scale if group_size is None else column_scale[:, i1:i2]
-            gptq_kernel.gptq_block(w1, u1.contiguous(), block_scale, qmin, qmax, block_codes, err1)
+            kernels.gptq_block(w1, u1.contiguous(), block_scale, qmin, qmax, block_codes, err1)
             codes[:, i1:i2] = block_codes
             w[:, i2:] -= err1 @ u[i1:i2, i2:]
             continue
