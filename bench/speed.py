@@ -229,9 +229,11 @@ def materialize(gm, config, device: torch.device, dtype: torch.dtype):
         write_attr(on_device, name, value, device=device)
         write_attr(on_host, name, value, dtype=dtype, device="cpu")
     for graph_module, where in ((on_device, torch.device(device)), (on_host, torch.device("cpu"))):
-        for node in graph_module.graph.nodes:  # factories and checks traced with the meta device
+        for node in graph_module.graph.nodes:  # factories, moves and checks traced with the meta device
             if isinstance(node.kwargs.get("device"), torch.device) and node.kwargs["device"].type == "meta":
                 node.kwargs = {**node.kwargs, "device": where}
+            if any(isinstance(a, torch.device) and a.type == "meta" for a in node.args):  # aten.to.device(x, device, dtype)
+                node.args = tuple(where if isinstance(a, torch.device) and a.type == "meta" else a for a in node.args)
         graph_module.recompile()
     return on_device, on_host
 

@@ -155,6 +155,7 @@ def run_lockstep(
             # The graph lives elsewhere: tensors a node made there (factories traced with that device,
             # or with none) join the walk's device, and factories make theirs on it.
             args, kwargs = tree_map(place, (args, kwargs))
+            args = tuple(device if isinstance(a, torch.device) else a for a in args)  # aten.to.device(x, device, dtype)
             if "device" in kwargs:
                 kwargs = {**kwargs, "device": device}
         if product and (is_linear(node) or dtype in {a.dtype for a in tree_leaves((args, kwargs))

@@ -121,6 +121,13 @@ def test_walk_on_another_device_moves_every_input_there(deep_gm, dtype):
     RotatePass()(gm)
     InsertObserversPass()(gm)
     assert any(n.kwargs.get("device") == torch.device("cpu") for n in gm.graph.nodes if n.op == "call_function")
+    # Some exporters move a factory's output with the device as a positional argument (torch 2.11's
+    # aten.to.device(ones, device, dtype) for the attention mask): give one factory that form.
+    ones = next(n for n in gm.graph.nodes if n.target == torch.ops.aten.ones.default)
+    with gm.graph.inserting_after(ones):
+        moved = gm.graph.call_function(torch.ops.aten.to.device, (ones, torch.device("cpu"), torch.float32))
+    ones.replace_all_uses_with(moved, delete_user_cb=lambda u: u is not moved)
+    gm.recompile()
     gm.meta.setdefault("llmq_fx", {})["device"] = "meta"
     seen = []
 
@@ -218,3 +225,14 @@ def test_bfloat16_stored_weights_compute_as_captured(deep_gm, calib, eval_ids, c
         assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
     with pytest.raises(ConfigError, match="stored as torch.bfloat16 .* whole-model"):
         llmq_fx.quantize(narrow, calib, static_config(), progress=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a device-to-host move")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
+def test_moved_to_the_host_is_the_plain_copy(dtype):
+    from llmq_fx.graph import moved
+
+    t = (torch.randn(513, 67, device="cuda") * 50).to(dtype)
+    out = moved(t, "cpu")
+    assert out.device.type == "cpu" and out.dtype == dtype and torch.equal(out, t.cpu())
+    assert moved(out, "cpu") is out or torch.equal(moved(out, "cpu"), out)
