@@ -30,6 +30,7 @@ __all__ = [
     "set_attr",
     "read_attr",
     "write_attr",
+    "moved",
     "traced_dtype",
     "share_tensors_copy",
     "compute_device",
@@ -127,6 +128,18 @@ def traced_dtype(node: fx.Node) -> torch.dtype | None:
     return getattr(val, "dtype", None) if isinstance(val, torch.Tensor) else None
 
 
+def moved(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``t.to(device)``; from a GPU to the host, into memory the host threads touched first. A device-to-host
+    copy into fresh pageable memory faults its pages in one thread as it goes: 1.4 GB/s on the H200
+    machine against 8.5 GB/s into memory zeroed beforehand by torch's threads (measured, 1 GiB)."""
+    device = torch.device(device)
+    if device.type != "cpu" or t.device.type == "cpu":
+        return t.to(device)
+    out = torch.empty(t.shape, dtype=t.dtype)
+    out.zero_()
+    return out.copy_(t)
+
+
 def write_attr(gm: fx.GraphModule, target: str, value: torch.Tensor, dtype: torch.dtype | None = None,
                device: torch.device | str | None = None) -> None:
     """Give a parameter/buffer a new value computed elsewhere (e.g. float64 on the compute device):
@@ -137,7 +150,7 @@ def write_attr(gm: fx.GraphModule, target: str, value: torch.Tensor, dtype: torc
     input graph's) leaves the other's untouched. ``dtype``, ``device``: store it in that dtype, on that
     device, instead of the tensor's own (``device`` materializes a graph captured on the meta device)."""
     old = attr(gm, target)
-    data = value.to(dtype or old.dtype).to(device or old.device).reshape(old.shape).contiguous()
+    data = moved(value.to(dtype or old.dtype), device or old.device).reshape(old.shape).contiguous()
     new = torch.nn.Parameter(data, requires_grad=old.requires_grad) if isinstance(old, torch.nn.Parameter) else data
     for mod in gm.modules():
         for store in (mod._parameters, mod._buffers):

@@ -53,7 +53,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from llmq_fx import ops  # noqa: F401  (registers torch.ops.llmq)
 from llmq_fx import qmath
 from llmq_fx.errors import ConfigError
-from llmq_fx.graph import attr, is_skipped, linear_nodes, module_path, observer_sites, read_attr, set_attr
+from llmq_fx.graph import attr, is_skipped, linear_nodes, module_path, moved, observer_sites, read_attr, set_attr
 from llmq_fx.passes.base import LlmqPass
 from llmq_fx.spec import SITE_META, ActivationSpec, SiteRecord, WeightSpec
 
@@ -299,7 +299,7 @@ def insert_weight_dequant(
     w_node = linear.args[index]
     if isinstance(w_node, fx.Node) and w_node.op == "get_attr":
         home = attr(gm, w_node.target).device
-        qweight, scale = qweight.to(home), scale.to(home)
+        qweight, scale = moved(qweight, home), moved(scale, home)
     owner = gm.get_submodule(path.rpartition(".")[0]) if "." in path else gm
     leaf = path.rpartition(".")[2]
     module = getattr(owner, leaf, None) if leaf else None
