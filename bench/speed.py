@@ -380,6 +380,7 @@ def run_one(name: str, args, device: torch.device, save) -> None:
     source = model if model is not None else gm
     entry["parameters"] = sum(p.numel() for p in source.parameters())
     entry["dtype"] = str(next(source.parameters()).dtype).removeprefix("torch.") + (f", stored {args.weights_dtype} on the host" if stored else "")
+    del source  # else it keeps the floor's device graph alive after the walk takes the host copy
     entry["attention"] = getattr(model.config if model is not None else mconfig, "_attn_implementation", None)
     config = llmq_fx.QuantConfig.from_dict({**json.loads(args.config), "calib_batch_size": args.batch_size})
     torch.backends.cuda.matmul.allow_tf32 = args.tf32 or config.calib_precision == "tf32"  # the floor in the same precision
@@ -399,11 +400,13 @@ def run_one(name: str, args, device: torch.device, save) -> None:
     entry["placement"] = f"weights on the host, computed on {device}" if args.host_weights else f"weights on {device}"
     if host_gm is not None:  # the floor's device graph goes; quantize walks the host copy
         del gm
+        gc.collect()  # a GraphModule is a reference cycle (graph <-> module): not freed by del alone
         if device.type == "cuda":
             torch.cuda.empty_cache()
         gm = host_gm
     elif args.host_weights:  # quantize(device=) walks a graph traced on the host; the floor above ran on the device
         del gm
+        gc.collect()
         model.to("cpu")
         if device.type == "cuda":
             torch.cuda.empty_cache()
