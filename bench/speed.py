@@ -56,6 +56,7 @@ from pathlib import Path
 import torch
 
 import llmq_fx
+from llmq_fx.recipe import PIPELINE as _PASS_ORDER
 from quality import machine, splice_results_md  # bench/ is sys.path[0] when this script runs
 
 logger = logging.getLogger(__name__)
@@ -75,7 +76,8 @@ _OPT_COMMON = dict(vocab_size=50272, max_position_embeddings=2048, do_layer_norm
                    dropout=0.0, attention_dropout=0.0, enable_bias=True, tie_word_embeddings=True)
 
 # The stage rows of the tables, in pipeline order; "load" and "floor" are not part of the pipeline.
-PIPELINE = ("trace", "rotate", "observe", "calibrate", "smooth", "group", "gptq", "quantize")
+# Stages of the pipeline as timed: the capture, then every pass stage in llmq_fx's own order.
+PIPELINE = ("trace", *dict.fromkeys(p.stage for p in _PASS_ORDER))
 
 
 # -- memory and time ---------------------------------------------------------------------------
@@ -274,14 +276,25 @@ def _num(v, fmt: str) -> str:
     return "" if v is None else format(v, fmt)
 
 
+def _superseded(name: str) -> bool:
+    """Entries kept for the record under a name that says when they were measured ("... at <commit>",
+    "... beside <commit>" for a peer, "earlier: ..."): tabled apart from the current ones."""
+    return " at " in name or ", beside " in name or name.startswith("earlier: ")
+
+
 def markdown(data: dict) -> str:
     lines = ["# llmq_fx speed and memory", "",
              "Written by `bench/speed.py` (its docstring says what is measured). Times are wall seconds of one run; "
              "the floor is one float forward pass of the traced graph over the calibration tokens, batched as "
              "calibration is; ratio = time / floor. The first stage (`rotate`, else `observe`) includes the deep copy of the graph that "
              "`llmq_fx.quantize` makes first.", ""]
+    groups = []
     for section, title in (("cpu", "CPU"), ("cuda", "GPU (CUDA)")):
-        entries = data.get(section)
+        entries = data.get(section) or {}
+        older = {n: e for n, e in entries.items() if _superseded(n)}
+        current = {n: e for n, e in entries.items() if n not in older}
+        groups += [(section, title, current), (section, f"{title}: earlier measurements", older)]
+    for section, title, entries in groups:
         if not entries:
             continue
         gpu = section == "cuda"
