@@ -215,7 +215,7 @@ def materialize(gm, config, device: torch.device, dtype: torch.dtype):
     No whole model is built anywhere else."""
     import zlib
 
-    from llmq_fx.graph import share_tensors_copy, write_attr
+    from llmq_fx.graph import retarget_devices, share_tensors_copy, write_attr
 
     on_device, on_host = share_tensors_copy(gm), share_tensors_copy(gm)
     for name, t in list(gm.named_parameters()) + list(gm.named_buffers()):
@@ -230,13 +230,8 @@ def materialize(gm, config, device: torch.device, dtype: torch.dtype):
             value = torch.empty(t.shape, device=device).normal_(0.0, config.init_std, generator=g)
         write_attr(on_device, name, value, device=device)
         write_attr(on_host, name, value, dtype=dtype, device="cpu")
-    for graph_module, where in ((on_device, torch.device(device)), (on_host, torch.device("cpu"))):
-        for node in graph_module.graph.nodes:  # factories, moves and checks traced with the meta device
-            if isinstance(node.kwargs.get("device"), torch.device) and node.kwargs["device"].type == "meta":
-                node.kwargs = {**node.kwargs, "device": where}
-            if any(isinstance(a, torch.device) and a.type == "meta" for a in node.args):  # aten.to.device(x, device, dtype)
-                node.args = tuple(where if isinstance(a, torch.device) and a.type == "meta" else a for a in node.args)
-        graph_module.recompile()
+    retarget_devices(on_device, "meta", device)  # factories and moves traced with the meta device
+    retarget_devices(on_host, "meta", "cpu")
     return on_device, on_host
 
 

@@ -1,6 +1,7 @@
 """llmq_fx: W4A4 quantization of LLMs as torch.fx graph rewrites, exported to ONNX.
 
     gm = llmq_fx.trace(model)                        # torch.export -> GraphModule
+    gm = llmq_fx.trace_checkpoint(folder)            # or a checkpoint captured on meta, weights bfloat16 on the host
     print(llmq_fx.recipe(config))                    # the passes the config runs, with their options
     qgm = llmq_fx.quantize(gm, calib_ids, config)    # run them on a copy of gm
     llmq_fx.summary(qgm)                             # one row per Linear
@@ -19,6 +20,7 @@ from llmq_fx.errors import (
     StatisticsError,
     UnsupportedModelError,
 )
+from llmq_fx.models import trace_checkpoint
 from llmq_fx.quantize import quantize
 from llmq_fx.recipe import Recipe, recipe
 from llmq_fx.serialize import load, save
@@ -38,6 +40,7 @@ def __getattr__(name):
 
 __all__ = [
     "trace",
+    "trace_checkpoint",
     "quantize",
     "recipe",
     "save",

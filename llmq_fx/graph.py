@@ -31,6 +31,7 @@ __all__ = [
     "read_attr",
     "write_attr",
     "moved",
+    "retarget_devices",
     "traced_dtype",
     "share_tensors_copy",
     "compute_device",
@@ -126,6 +127,19 @@ def traced_dtype(node: fx.Node) -> torch.dtype | None:
     """The dtype a ``get_attr`` node had when the graph was captured (its ``val``), if recorded."""
     val = node.meta.get("val")
     return getattr(val, "dtype", None) if isinstance(val, torch.Tensor) else None
+
+
+def retarget_devices(gm: fx.GraphModule, old: str, new: torch.device | str) -> None:
+    """Nodes that name a device of type ``old`` (factories, moves and checks traced with it: ``ones(...,
+    device=)``, ``aten.to.device(x, device, dtype)``) name ``new`` instead; e.g. a graph captured on the
+    meta device runs where its materialized weights are."""
+    new = torch.device(new)
+    for node in gm.graph.nodes:
+        if isinstance(node.kwargs.get("device"), torch.device) and node.kwargs["device"].type == old:
+            node.kwargs = {**node.kwargs, "device": new}
+        if any(isinstance(a, torch.device) and a.type == old for a in node.args):
+            node.args = tuple(new if isinstance(a, torch.device) and a.type == old else a for a in node.args)
+    gm.recompile()
 
 
 def moved(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:

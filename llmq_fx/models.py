@@ -24,7 +24,7 @@ from torch import nn
 
 from llmq_fx.errors import CheckpointError
 
-__all__ = ["load_model", "BUILTIN_MODELS", "ASSETS", "tiny_opt_config"]
+__all__ = ["load_model", "trace_checkpoint", "BUILTIN_MODELS", "ASSETS", "tiny_opt_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,8 @@ def _load_tokenizer(folder: Path):
     return AutoTokenizer.from_pretrained(str(folder))
 
 
-def _load_hf_folder(folder: Path, dtype: torch.dtype) -> tuple[nn.Module, object]:
+def _checked_config(folder: Path):
+    """The config of a local Hugging Face causal-LM folder, or a ``CheckpointError`` saying what is wrong."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if not folder.is_dir():
@@ -63,6 +64,13 @@ def _load_hf_folder(folder: Path, dtype: torch.dtype) -> tuple[nn.Module, object
         raise CheckpointError(f"cannot read {folder / 'config.json'}: {str(err).splitlines()[0]}") from err
     if type(config) not in AutoModelForCausalLM._model_mapping:
         raise CheckpointError(f"{folder} holds a {type(config).__name__} ({config.model_type}), not a causal language model")
+    return config
+
+
+def _load_hf_folder(folder: Path, dtype: torch.dtype) -> tuple[nn.Module, object]:
+    from transformers import AutoModelForCausalLM
+
+    _checked_config(folder)
     weights = list(folder.glob("*.safetensors")) + list(folder.glob("*.bin"))
     if not weights:
         raise CheckpointError(f"{folder} has a config but no weights (*.safetensors or *.bin)")
@@ -156,3 +164,60 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32) -> 
             f"no model folder or built-in model named {name!r} (built-in: {', '.join(BUILTIN_MODELS)})"
         )
     return _load_hf_folder(path, dtype)
+
+
+def trace_checkpoint(folder: str | Path, weights_dtype: torch.dtype = torch.bfloat16):
+    """A local Hugging Face causal-LM folder captured without building the model: the model is made on
+    the meta device (``accelerate.init_empty_weights``), traced there in float32, and each weight is
+    then read from the folder's safetensors files, one tensor at a time, into host memory stored in
+    ``weights_dtype``. No float32 copy of the model exists at any point: opt-30b's weights take 60 GB
+    of host memory in bfloat16 instead of 120 GB.
+
+    The graph computes as captured (float32): ``llmq_fx.quantize(gm, calib, config, device="cuda")``
+    walks it layer by layer, widening each weight on the device, and returns the quantized graph in
+    float32 (only the sequential recipes accept narrow-stored weights). Buffers the checkpoint does
+    not hold (rotary frequencies) are computed by the model's constructor as usual. Raises
+    ``CheckpointError`` naming the folder and the tensor for a missing tensor or a shape mismatch.
+    """
+    from accelerate import init_empty_weights
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from llmq_fx.capture import trace
+    from llmq_fx.graph import retarget_devices, write_attr
+
+    folder = Path(folder).expanduser()
+    config = _checked_config(folder)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder} has no *.safetensors weights: trace_checkpoint reads them tensor by tensor")
+    where: dict[str, Path] = {}
+    for f in files:
+        _check_weights_file(f)
+        with safe_open(str(f), framework="pt") as handle:
+            where.update((key, f) for key in handle.keys())
+    with init_empty_weights():  # parameters on meta; buffers (rotary frequencies) built as usual
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.tie_weights()  # not done on meta by the constructor: a tied lm_head is the embedding
+    gm = trace(model.eval())
+    handles: dict[Path, object] = {}
+    try:
+        for name, t in list(gm.named_parameters()) + list(gm.named_buffers()):
+            if t.device.type != "meta":
+                continue  # a tied tensor already read under its other name, or a real buffer
+            if name not in where:
+                raise CheckpointError(f"{folder}: no tensor {name!r} in its safetensors files")
+            if where[name] not in handles:
+                handles[where[name]] = safe_open(str(where[name]), framework="pt")
+            value = handles[where[name]].get_tensor(name)
+            if tuple(value.shape) != tuple(t.shape):
+                raise CheckpointError(f"{folder}: tensor {name!r} has shape {tuple(value.shape)}, the model expects {tuple(t.shape)}")
+            write_attr(gm, name, value, dtype=weights_dtype if value.is_floating_point() else value.dtype, device="cpu")
+    finally:
+        handles.clear()
+    left = [n for n, t in list(gm.named_parameters()) + list(gm.named_buffers()) if t.device.type == "meta"]
+    if left:
+        raise CheckpointError(f"{folder}: no values for {', '.join(left[:3])}" + (" ..." if len(left) > 3 else ""))
+    retarget_devices(gm, "meta", "cpu")
+    gm.meta.setdefault("llmq_fx", {})["checkpoint"] = str(folder)
+    return gm

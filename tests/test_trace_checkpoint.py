@@ -1,0 +1,75 @@
+"""llmq_fx.trace_checkpoint: a Hugging Face folder captured on the meta device, its weights read tensor by
+tensor into bfloat16 host memory, quantized like the float32 model holding the same values."""
+
+import copy
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import LlamaConfig, LlamaForCausalLM, OPTForCausalLM
+
+import llmq_fx
+from llmq_fx.errors import CheckpointError
+from llmq_fx.models import tiny_opt_config
+
+VOCAB = 96
+
+
+def _opt():
+    torch.manual_seed(0)
+    return OPTForCausalLM(tiny_opt_config(VOCAB)).eval()
+
+
+def _llama():
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)).eval()
+
+
+def _rounded(model):
+    """The model with every parameter rounded to bfloat16 and kept in float32: the values the checkpoint graph holds."""
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in out.parameters():
+            p.copy_(p.bfloat16().float())
+    return out
+
+
+@pytest.mark.parametrize("build", [_opt, _llama], ids=["opt", "llama"])
+def test_checkpoint_graph_holds_the_checkpoint_in_bfloat16_and_quantizes_as_float32(build, tmp_path):
+    model = build()
+    model.save_pretrained(tmp_path)  # safetensors, the tied lm_head not written
+    gm = llmq_fx.trace_checkpoint(tmp_path)
+    ref = llmq_fx.trace(_rounded(model))
+    params, expected = dict(gm.named_parameters()), dict(ref.named_parameters())
+    assert params.keys() == expected.keys()
+    for name, value in expected.items():
+        assert params[name].dtype == torch.bfloat16 and torch.equal(params[name].float(), value), name
+    assert {t.device.type for t in list(gm.parameters()) + list(gm.buffers())} == {"cpu"}
+    assert not any(isinstance(a, torch.device) and a.type == "meta" for n in gm.graph.nodes for a in [*n.args, *n.kwargs.values()])
+    # Captured in float32: without rotation (which stores its rotated weights narrow again) the quantized model is
+    # the float32 one's, bit for bit.
+    calib = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(1))
+    cfg = {"rotate": False, "calib_batch_size": 2}
+    a = llmq_fx.quantize(gm, calib, cfg, progress=False, inplace=True)
+    b = llmq_fx.quantize(ref, calib, cfg, progress=False)
+    state, other = a.state_dict(), b.state_dict()
+    assert state.keys() == other.keys()
+    for key in state:
+        assert torch.equal(state[key], other[key]), key
+
+
+def test_checkpoint_problems_name_the_tensor(tmp_path):
+    _opt().save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    tensors = load_file(weights)
+    name = "model.decoder.layers.1.fc1.weight"
+    save_file({k: v for k, v in tensors.items() if k != name}, weights, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=f"no tensor '{name}'"):
+        llmq_fx.trace_checkpoint(tmp_path)
+    save_file({**tensors, name: tensors[name][:, :-1].contiguous()}, weights, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=rf"'{name}' has shape \(256, 63\), the model expects \(256, 64\)"):
+        llmq_fx.trace_checkpoint(tmp_path)
+    weights.rename(tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"no \*\.safetensors weights"):
+        llmq_fx.trace_checkpoint(tmp_path)
