@@ -198,14 +198,12 @@ def random_opt(shape: str, device: torch.device):
 
 def meta_opt_graph(shape: str):
     """A random-init OPT shape captured on the meta device: the graph costs no memory for its weights."""
-    from accelerate import init_empty_weights
-    from transformers import OPTConfig, OPTForCausalLM
+    from transformers import OPTConfig
+
+    from llmq_fx.models import trace_on_meta
 
     config = OPTConfig(**_OPT_COMMON, **SHAPES[shape], word_embed_proj_dim=SHAPES[shape]["hidden_size"])
-    with init_empty_weights():
-        model = OPTForCausalLM(config).float().eval()
-    model.tie_weights()  # not done on the meta device by the constructor: the lm_head is the embedding, as built on a device
-    return llmq_fx.trace(model), config
+    return trace_on_meta(config), config
 
 
 def materialize(gm, config, device: torch.device, dtype: torch.dtype):

@@ -24,7 +24,7 @@ from torch import nn
 
 from llmq_fx.errors import CheckpointError
 
-__all__ = ["load_model", "trace_checkpoint", "BUILTIN_MODELS", "ASSETS", "tiny_opt_config"]
+__all__ = ["load_model", "trace_checkpoint", "trace_on_meta", "BUILTIN_MODELS", "ASSETS", "tiny_opt_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -166,6 +166,21 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32) -> 
     return _load_hf_folder(path, dtype)
 
 
+def trace_on_meta(config):
+    """The causal LM of a transformers ``config`` built on the meta device (``accelerate.init_empty_weights``:
+    parameters without memory, buffers such as rotary frequencies built as usual) and traced there in
+    float32: a graph whose weights cost nothing until something writes them (``graph.write_attr``)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from llmq_fx.capture import trace
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.tie_weights()  # not done on meta by the constructor: a tied lm_head is the embedding
+    return trace(model.eval())
+
+
 def trace_checkpoint(folder: str | Path, weights_dtype: torch.dtype = torch.bfloat16):
     """A local Hugging Face causal-LM folder captured without building the model: the model is made on
     the meta device (``accelerate.init_empty_weights``), traced there in float32, and each weight is
@@ -179,11 +194,8 @@ def trace_checkpoint(folder: str | Path, weights_dtype: torch.dtype = torch.bflo
     not hold (rotary frequencies) are computed by the model's constructor as usual. Raises
     ``CheckpointError`` naming the folder and the tensor for a missing tensor or a shape mismatch.
     """
-    from accelerate import init_empty_weights
     from safetensors import safe_open
-    from transformers import AutoModelForCausalLM
 
-    from llmq_fx.capture import trace
     from llmq_fx.graph import retarget_devices, write_attr
 
     folder = Path(folder).expanduser()
@@ -196,10 +208,7 @@ def trace_checkpoint(folder: str | Path, weights_dtype: torch.dtype = torch.bflo
         _check_weights_file(f)
         with safe_open(str(f), framework="pt") as handle:
             where.update((key, f) for key in handle.keys())
-    with init_empty_weights():  # parameters on meta; buffers (rotary frequencies) built as usual
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.tie_weights()  # not done on meta by the constructor: a tied lm_head is the embedding
-    gm = trace(model.eval())
+    gm = trace_on_meta(config)
     handles: dict[Path, object] = {}
     try:
         for name, t in list(gm.named_parameters()) + list(gm.named_buffers()):
