@@ -150,11 +150,16 @@ def dynamic_qdq(x: torch.Tensor, qmin: int, qmax: int, symmetric: bool, clip_rat
     rows = max(1, min(64, 4096 // block))
     grid = (-(-n_groups // rows),)
     steps = qmax if symmetric else qmax - qmin  # qmath.minmax_scale_zero_point: range / steps
-    inv_steps = float(torch.tensor(1.0, dtype=torch.float32) / steps)
     _qdq_kernel()[grid](
-        x, out, n_groups, group, float(qmin), float(qmax), inv_steps, float(clip_ratio), float(eps),
+        x, out, n_groups, group, float(qmin), float(qmax), _reciprocal(steps), float(clip_ratio), float(eps),
         SYMMETRIC=symmetric, CLIP=clip_ratio != 1.0, ROWS=rows, BLOCK=block,
         num_warps=4 if block * rows <= 4096 else min(16, block * rows // 1024),
     )
     return out
 
+
+@functools.lru_cache(maxsize=None)
+def _reciprocal(steps: int) -> float:
+    """``1 / steps`` rounded to float32, as PyTorch computes it for a tensor divided by a Python number (once
+    per integer range, not per call: the walk calls the kernel thousands of times)."""
+    return float(torch.tensor(1.0, dtype=torch.float32) / steps)
