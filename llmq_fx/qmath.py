@@ -66,34 +66,36 @@ def add_gram_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tens
         return out.addmm_(a.T, b)
 
 
-def add_moments_(hessian: torch.Tensor, cross: torch.Tensor, q: torch.Tensor, x: torch.Tensor) -> None:
+def add_moments_(hessian: torch.Tensor, cross: torch.Tensor, q: torch.Tensor, x: torch.Tensor,
+                 precision: str = "float32") -> None:
     """GPTQ's moments of one batch: ``hessian += q^T q`` and ``cross += q^T x`` (``q`` the quantized
     model's quantized input, ``x`` the float model's input, both ``[tokens, C]``).
 
     On the CPU, and on CUDA without TF32, two float32 products. On CUDA with TF32 allowed
-    (``calib_precision: "tf32"``) the Hessian stays a float32 product (its upper block triangle only,
-    mirrored: symmetric) and ``q^T x = q^T q + q^T (x - q)``: the float32 Gram plus a TF32 product of
-    the difference, which is small beside ``x`` (the activation quantizer's error and the upstream
-    layers' drift), so TF32's relative error applies to the small term only. About 0.4x of the two
-    float32 products' time."""
+    (``calib_precision: "tf32"``) the Gram ``q^T q`` is computed from its blocks on and above the
+    diagonal (symmetric), in ``precision`` ("float32", or "tf32": about 3x faster on an H200, with an
+    error about 40x float32's; ``gptq_factorizes`` is the check a TF32 Hessian must pass), and
+    ``q^T x = q^T q + q^T (x - q)``: the Gram plus a TF32 product of the difference, which is small
+    beside ``x`` (the activation quantizer's error and the upstream layers' drift), so TF32's relative
+    error applies to the small term only."""
     if not (q.is_cuda and torch.backends.cuda.matmul.allow_tf32):
         add_gram_(hessian, q, q)
         add_gram_(cross, q, x)
         return
-    gram = _symmetric_gram(q)
+    gram = _symmetric_gram(q, precision=precision)
     hessian += gram
     cross += gram
     cross.addmm_(q.T, x - q)  # TF32
 
 
-def _symmetric_gram(q: torch.Tensor, blocks: int = 4) -> torch.Tensor:
-    """``q^T q`` in float32 products from the blocks on and above the diagonal (``blocks`` per side)."""
+def _symmetric_gram(q: torch.Tensor, blocks: int = 4, precision: str = "float32") -> torch.Tensor:
+    """``q^T q`` from the blocks on and above the diagonal (``blocks`` per side), products in ``precision``."""
     channels = q.shape[1]
     if channels < 1024 or channels % blocks:
         blocks = 1
     width = channels // blocks
     out = torch.empty(channels, channels, dtype=torch.float32, device=q.device)
-    with cuda_matmul_precision("float32"):
+    with cuda_matmul_precision(precision):
         for i in range(blocks):
             qi = q[:, i * width:(i + 1) * width]
             for j in range(i, blocks):
@@ -102,6 +104,17 @@ def _symmetric_gram(q: torch.Tensor, blocks: int = 4) -> torch.Tensor:
                 if j != i:
                     out[j * width:(j + 1) * width, i * width:(i + 1) * width] = block.T
     return out
+
+
+def gptq_factorizes(hessian: torch.Tensor, damp: float) -> bool:
+    """Whether ``H + damp * mean(diag H) I`` has a Cholesky factor in float64, dead inputs (``H_jj == 0``)
+    set to 1 first: GPTQ's and the act-aware solve's first attempt, before any extra dampening
+    (``_damped``). A Hessian computed in TF32 that fails it is recomputed in float32."""
+    h = hessian.detach().to(torch.float64).clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    h.diagonal().add_(damp * torch.diagonal(h).mean())
+    return int(torch.linalg.cholesky_ex(h)[1]) == 0
 
 
 # Smallest scale: a channel that never moved from zero still gets a finite, positive scale.

@@ -229,3 +229,40 @@ def test_moments_with_tf32_stay_close_to_float64():
         fp32_err = ((q.T @ x).double() - c64).abs().max() / scale
     assert (h.double() - h64).abs().max() / scale < 2 * fp32_err
     assert (c.double() - c64).abs().max() / scale < 0.5 * (plain_tf32.double() - c64).abs().max() / scale
+
+
+def test_a_tf32_hessian_that_does_not_factorize_is_recomputed_in_float32(opt_gm, calib, monkeypatch):
+    """Where the walk computes its Grams in TF32, a site whose damped Hessian has no Cholesky factor takes
+    its moments again in float32 (one more pass over its inputs), and its records say which precision
+    each Linear was rounded with. On the CPU both precisions compute float32, so the result must be the
+    float32 walk's bit for bit."""
+    from llmq_fx import qmath
+
+    plain = _sequential(opt_gm, calib, clip_search=[0.8, 1.0])
+    real_check = qmath.gptq_factorizes
+    monkeypatch.setattr(sequential_gptq, "_moments_precision", lambda device: "tf32")
+    seen = []
+
+    def factorizes(h, damp):
+        seen.append(h.shape[0])
+        return len(seen) != 2  # the second site's TF32 Hessian "fails"
+
+    monkeypatch.setattr(sequential_gptq.qmath, "gptq_factorizes", factorizes)
+    checked = _sequential(opt_gm, calib, clip_search=[0.8, 1.0])
+    records = checked.meta["llmq_fx"]["gptq"]
+    sites = [s for s in observer_sites(checked) if any(not p.endswith("lm_head") for p in s.record.consumers)]
+    assert len(seen) == len(sites) > 2
+    second = {n for n, r in records.items() if r["moments"] == "float32"}
+    assert second == set(sites[1].record.consumers)
+    assert all(r["moments"] == "tf32" for n, r in records.items() if n not in second)
+    a = {k: v for k, v in plain.state_dict().items()}
+    b = checked.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # the check itself: a positive definite matrix factorizes, one with a negative eigenvalue beyond the damping does not
+    g = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
+    h = g.T @ g / 64
+    assert real_check(h, 0.01)
+    h[3, 3] = -1.0
+    assert not real_check(h, 0.01)

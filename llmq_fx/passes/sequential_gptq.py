@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -53,6 +54,8 @@ from llmq_fx.passes.insert_qdq import is_integer_weight
 from llmq_fx.spec import ActivationSpec
 
 __all__ = ["SequentialGPTQPass", "SequentialGPTQOptions"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -134,21 +137,20 @@ class SequentialGPTQPass(CalibratedPass, GPTQPass):
                 site.record.activation = quant
                 pairs = iter(inputs)
             device = compute_device(gm)
-            hessian = torch.zeros(channels, channels, dtype=torch.float32, device=device)
-            cross = torch.zeros_like(hessian)
-            tokens = 0
-            for x_ref, x_q in pairs:  # GPTQ's moments (qmath.add_moments_: float32 Hessian)
-                q = quant(x_q.reshape(-1, channels).float())
-                qmath.add_moments_(hessian, cross, q, x_ref.reshape(-1, channels).float())
-                tokens += q.shape[0]
-            hessian /= tokens
-            cross /= tokens
+            precision = _moments_precision(device)
+            hessian, cross = _moments(pairs, quant, channels, device, precision)
+            if precision == "tf32" and not qmath.gptq_factorizes(hessian, self.options.damp):
+                # TF32's rounding left the damped Hessian short of positive definite: float32, one more pass.
+                logger.info("%s: TF32 Hessian not positive definite at dampening %g; recomputed in float32",
+                            site.name, self.options.damp)
+                precision = "float32"
+                hessian, cross = _moments(iter(inputs), quant, channels, device, precision)
             overrides = {}
             for linear in linears:
                 weight = attr(gm, linear.args[1].target)
                 weight = weight.to(traced_dtype(linear.args[1]) or weight.dtype)  # as the float lane computes
                 record = self._quantize_linear(gm, linear, hessian, site.name, cross)
-                records[module_path(linear)] = dict(record, sequential=True)
+                records[module_path(linear)] = dict(record, sequential=True, moments=precision)
                 overrides[linear.args[1]] = weight  # the float lane keeps the float weight
                 modified = True
             return SiteResult(functools.partial(_quantized, quant, channels), overrides, raw)
@@ -179,6 +181,26 @@ class SequentialGPTQPass(CalibratedPass, GPTQPass):
         candidates = [dataclasses.replace(quant, clip_ratio=r) for r in self.options.clip_search]
         errors = qmath.activation_error(weight, xs, candidates)
         return candidates[int(torch.stack(errors).argmin())]
+
+
+def _moments_precision(device: torch.device) -> str:
+    """The Gram's precision: TF32 where the walk's products are TF32 (CUDA, ``calib_precision: "tf32"``),
+    checked by ``qmath.gptq_factorizes``; float32 otherwise."""
+    return "tf32" if device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32 else "float32"
+
+
+def _moments(pairs, quant: ActivationSpec, channels: int, device: torch.device,
+             precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean ``Hq = Q(X~)^T Q(X~)`` and ``C = Q(X~)^T X`` over the ``(X, X~)`` batches of ``pairs``
+    (``qmath.add_moments_``, the Gram in ``precision``)."""
+    hessian = torch.zeros(channels, channels, dtype=torch.float32, device=device)
+    cross = torch.zeros_like(hessian)
+    tokens = 0
+    for x_ref, x_q in pairs:
+        q = quant(x_q.reshape(-1, channels).float())
+        qmath.add_moments_(hessian, cross, q, x_ref.reshape(-1, channels).float(), precision)
+        tokens += q.shape[0]
+    return hessian / tokens, cross / tokens
 
 
 def _quantized(quant: ActivationSpec, channels: int, x: torch.Tensor) -> torch.Tensor:
