@@ -118,6 +118,8 @@ def _cmd_quantize(args) -> int:
             + ("a_bits: null" if config.a_bits is None else "a_dynamic: true (per-token ranges, no clusters)")
             + "; pass --config with a_dynamic: false"
         )
+    walk = [d.strip() for d in args.device.split(",")]  # "cuda:0,cuda:1": the GPTQ walk spread over both
+    args.device = walk[0]  # where the model, the passes and the evaluation run
     if args.host_weights and args.device == "cpu":
         raise llmq_fx.ConfigError("--host-weights keeps the model on the host and quantizes it on --device: pass --device cuda")
     passes = llmq_fx.recipe(config)
@@ -143,7 +145,7 @@ def _cmd_quantize(args) -> int:
         t0 = time.perf_counter()
         gm = llmq_fx.trace(model)
         timings["trace"] = time.perf_counter() - t0
-        qgm = llmq_fx.quantize(gm, calib, config, progress=not args.quiet, device=args.device)
+        qgm = llmq_fx.quantize(gm, calib, config, progress=not args.quiet, device=walk if len(walk) > 1 else args.device)
         timings.update(qgm.meta["llmq_fx"]["timings_s"])
         (stage / "graph.txt").write_text(str(qgm.graph))
         _write_site_stats(qgm, stage / "stats.safetensors")
@@ -167,7 +169,7 @@ def _cmd_quantize(args) -> int:
             "gptq_act_aware_skipped": meta.get("gptq_act_aware_skipped"),
             "gptq_sequential": meta.get("gptq_sequential"),
             "timings_s": timings,
-            "machine": {"python": platform.python_version(), "torch": torch.__version__, "device": args.device,
+            "machine": {"python": platform.python_version(), "torch": torch.__version__, "device": ",".join(walk),
                         "cpu_threads": torch.get_num_threads()},
         }
 
@@ -450,7 +452,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--eval-windows", type=int, default=16, help="evaluation windows (default 16)")
     q.add_argument("--cluster-sweep", type=int, nargs="+", metavar="K",
                    help="with --eval: also quantize with each n_clusters K and record perplexity (for plots)")
-    q.add_argument("--device", default="cpu")
+    q.add_argument("--device", default="cpu", help="where to quantize (cpu, cuda, cuda:1); several comma-separated "
+                   "(cuda:0,cuda:1) spread the sequential GPTQ walk's calibration batches over them")
     q.add_argument("--host-weights", action="store_true",
                    help="keep the model on the host and quantize it layer by layer on --device (each weight moved there "
                         "while the GPTQ walk reads it): device memory for one layer and the calibration activations")

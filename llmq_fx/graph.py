@@ -35,6 +35,7 @@ __all__ = [
     "traced_dtype",
     "share_tensors_copy",
     "compute_device",
+    "walk_devices",
     "observer_sites",
     "norm_affine",
     "site_role",
@@ -102,6 +103,13 @@ def compute_device(gm: fx.GraphModule) -> torch.device:
     stay where they are and each is moved there when used), else where the graph's parameters are."""
     named = gm.meta.get("llmq_fx", {}).get("device")
     return torch.device(named) if named else next((p.device for p in gm.parameters()), torch.device("cpu"))
+
+
+def walk_devices(gm: fx.GraphModule) -> list[torch.device]:
+    """The devices the sequential walk spreads its calibration batches over (``quantize(..., device=[...])``):
+    the compute device first; just it unless several were named."""
+    named = gm.meta.get("llmq_fx", {}).get("walk_devices")
+    return [torch.device(d) for d in named] if named else [compute_device(gm)]
 
 
 def set_attr(gm: fx.GraphModule, target: str, value: torch.Tensor, buffer: bool = True) -> None:

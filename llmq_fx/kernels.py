@@ -89,10 +89,11 @@ def gptq_block(w1: torch.Tensor, u1: torch.Tensor, scale: torch.Tensor, qmin: in
     per_column = scale.dim() == 2
     rows_per_program = max(1, min(32, 4096 // b))
     grid = (-(-rows // rows_per_program),)
-    _kernel()[grid](
-        w1, u1, scale, codes, err, rows, w1.stride(0), scale.stride(0) if per_column else 1, 1 if per_column else 0,
-        float(qmin), float(qmax), B=b, ROWS=rows_per_program,
-    )
+    with torch.cuda.device(w1.device):  # Triton launches on the current device
+        _kernel()[grid](
+            w1, u1, scale, codes, err, rows, w1.stride(0), scale.stride(0) if per_column else 1, 1 if per_column else 0,
+            float(qmin), float(qmax), B=b, ROWS=rows_per_program,
+        )
 
 
 # Widest group one program takes in registers (a whole token when there are no groups); wider: PyTorch.
@@ -150,11 +151,12 @@ def dynamic_qdq(x: torch.Tensor, qmin: int, qmax: int, symmetric: bool, clip_rat
     rows = max(1, min(64, 4096 // block))
     grid = (-(-n_groups // rows),)
     steps = qmax if symmetric else qmax - qmin  # qmath.minmax_scale_zero_point: range / steps
-    _qdq_kernel()[grid](
-        x, out, n_groups, group, float(qmin), float(qmax), _reciprocal(steps), float(clip_ratio), float(eps),
-        SYMMETRIC=symmetric, CLIP=clip_ratio != 1.0, ROWS=rows, BLOCK=block,
-        num_warps=4 if block * rows <= 4096 else min(16, block * rows // 1024),
-    )
+    with torch.cuda.device(x.device):  # Triton launches on the current device; a walk may run on another GPU
+        _qdq_kernel()[grid](
+            x, out, n_groups, group, float(qmin), float(qmax), _reciprocal(steps), float(clip_ratio), float(eps),
+            SYMMETRIC=symmetric, CLIP=clip_ratio != 1.0, ROWS=rows, BLOCK=block,
+            num_warps=4 if block * rows <= 4096 else min(16, block * rows // 1024),
+        )
     return out
 
 

@@ -37,10 +37,18 @@ model. With ``dtype`` (``calib_dtype``, bfloat16) the Linears and attention run 
 autocast: their inputs are cast, their outputs and the elementwise ops after them (activation
 functions, gates; the sites' inputs) stay in it, and what meets a float32 tensor (the residual stream,
 norms, positions) stays float32.
+
+**Several devices.** With ``quantize(..., device=["cuda:0", "cuda:1"])`` (``graph.walk_devices``) batch
+``b`` is walked on device ``b mod n``: its states stay there, and each device fetches its own copy of
+the layer's weights. The batches are independent, so the devices compute side by side (CUDA queues
+work without waiting for the host), each holding ``1/n`` of the states; the callback receives each
+batch's inputs where they are (GPTQ reduces its moments per device and adds the sums on the compute
+device, the first one). The budget is per device.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -51,7 +59,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from tqdm.auto import tqdm
 
 from llmq_fx.errors import CalibrationError, DeviceMemoryError, UnsupportedModelError
-from llmq_fx.graph import ObserverSite, compute_device, is_linear, observer_sites, traced_dtype
+from llmq_fx.graph import ObserverSite, compute_device, is_linear, observer_sites, traced_dtype, walk_devices
 
 __all__ = ["SiteInputs", "SiteResult", "run_lockstep"]
 
@@ -122,8 +130,8 @@ def run_lockstep(
     activations kept across batches (None: no cap), see the module docstring.
 
     Returns ``{"peak_weight_bytes", "peak_state_bytes", "recomputed_sites"}``: the most bytes of weights
-    (fetched parameters and the float weights the float lane keeps for quantized Linears) held on the
-    compute device at once, the most bytes of activation states kept across batches, and how many
+    (fetched parameters and the float weights the float lane keeps for quantized Linears) held on one
+    device at once, the most bytes of activation states kept across batches (all devices), and how many
     sites read their inputs by recomputation.
     """
     sites = {s.observer: s for s in observer_sites(gm)}
@@ -136,28 +144,29 @@ def run_lockstep(
             + ", ".join(n.name for n in placeholders)
         )
     device = compute_device(gm)
+    devices = walk_devices(gm)  # batch b is walked on devices[b % len(devices)]
     interp = fx.Interpreter(gm, garbage_collect_values=False)
-    offloaded = any(p.device != device for p in gm.parameters())
+    offloaded = len(devices) > 1 or any(p.device != device for p in gm.parameters())
 
-    def place(value: object) -> object:
-        """A weight or batch on the compute device."""
-        return value.to(device) if isinstance(value, torch.Tensor) and value.device != device else value
+    def place(value: object, to: torch.device = device) -> object:
+        """A weight or batch on a walk device."""
+        return value.to(to) if isinstance(value, torch.Tensor) and value.device != to else value
 
     def low(value: object) -> object:
         return value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
 
-    def run(node: fx.Node) -> object:
+    def run(node: fx.Node, to: torch.device) -> object:
         product = dtype != torch.float32 and (is_linear(node) or node.target in _PRODUCTS)
         if node.op != "call_function" or not (offloaded or product):
             return interp.run_node(node)
         args, kwargs = interp.fetch_args_kwargs_from_env(node)
         if offloaded:
             # The graph lives elsewhere: tensors a node made there (factories traced with that device,
-            # or with none) join the walk's device, and factories make theirs on it.
-            args, kwargs = tree_map(place, (args, kwargs))
-            args = tuple(device if isinstance(a, torch.device) else a for a in args)  # aten.to.device(x, device, dtype)
+            # or with none) join the batch's walk device, and factories make theirs on it.
+            args, kwargs = tree_map(functools.partial(place, to=to), (args, kwargs))
+            args = tuple(to if isinstance(a, torch.device) else a for a in args)  # aten.to.device(x, device, dtype)
             if "device" in kwargs:
-                kwargs = {**kwargs, "device": device}
+                kwargs = {**kwargs, "device": to}
         if product and (is_linear(node) or dtype in {a.dtype for a in tree_leaves((args, kwargs))
                                                     if isinstance(a, torch.Tensor) and a.is_floating_point()}):
             # A Linear, or a product that meets the lanes' dtype (attention, an online rotation), runs in
@@ -169,8 +178,10 @@ def run_lockstep(
     # Walk state: per batch, the values at its checkpoint (`start`: the first node not evaluated yet).
     ref: list[Env] = [{} for _ in batches]
     quant: list[Env] = [{} for _ in batches]
-    weights: dict[fx.Node, torch.Tensor] = {}  # fetched get_attr values, shared by lanes and batches
-    ref_overrides: dict[fx.Node, torch.Tensor] = {}  # the float lane's value of a node the callbacks inserted
+    # Per walk device: fetched get_attr values (shared by lanes and that device's batches), and the float
+    # lane's value of a node the callbacks inserted.
+    weights: list[dict[fx.Node, torch.Tensor]] = [{} for _ in devices]
+    ref_overrides: list[dict[fx.Node, torch.Tensor]] = [{} for _ in devices]
     transforms: dict[fx.Node, Callable | None] = {}  # visited observer -> its quantized-lane function
     raw_of: dict[fx.Node, tuple[fx.Node, fx.Node]] = {}  # skipped consumer -> (observer, producer)
     extra_users: dict[fx.Node, set[fx.Node]] = {}  # producer -> skipped consumers that still read it
@@ -189,40 +200,41 @@ def run_lockstep(
             last_use[n] = max((pos[u] for u in readers), default=pos[n])
 
     def note_weights() -> None:
-        held = sum(w.nbytes for w in weights.values()) + sum(w.nbytes for w in ref_overrides.values())
+        held = max(sum(w.nbytes for w in weights[k].values()) + sum(w.nbytes for w in ref_overrides[k].values())
+                   for k in range(len(devices)))  # on one device
         stats["peak_weight_bytes"] = max(stats["peak_weight_bytes"], held)
 
     def note_states(nbytes: int) -> None:
         stats["peak_state_bytes"] = max(stats["peak_state_bytes"], nbytes)
 
-    def fetch(node: fx.Node) -> None:
+    def fetch(node: fx.Node, k: int) -> None:
         for arg in node.all_input_nodes:
-            if arg.op == "get_attr" and arg not in weights:
-                value = place(interp.fetch_attr(arg.target))
+            if arg.op == "get_attr" and arg not in weights[k]:
+                value = place(interp.fetch_attr(arg.target), devices[k])
                 want = traced_dtype(arg)  # weights stored narrower than captured (bfloat16 on the host) compute as captured
                 if want is not None and isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != want:
                     value = value.to(want)
-                weights[arg] = value
+                weights[k][arg] = value
                 note_weights()
 
-    def evaluate(node: fx.Node, env: Env, lane_ref: bool) -> object:
+    def evaluate(node: fx.Node, env: Env, lane_ref: bool, k: int) -> object:
         if node in sites:  # a visited observer: the producer in the float lane, its transform in the other
             producer = node.args[0]
             fn = transforms.get(node)
             return env[producer] if lane_ref or fn is None else fn(env[producer])
-        if lane_ref and node in ref_overrides:
-            return ref_overrides[node]
+        if lane_ref and node in ref_overrides[k]:
+            return ref_overrides[k][node]
         interp.env = env
         attrs = [a for a in node.all_input_nodes if a.op == "get_attr"]
         for a in attrs:
-            env[a] = weights[a]
+            env[a] = weights[k][a]
         swapped = None
         if not lane_ref and node in raw_of:  # a skipped Linear reads the raw producer, not the observer's QDQ
             obs, producer = raw_of[node]
             swapped = env[obs]
             env[obs] = env[producer]
         try:
-            return run(node)
+            return run(node, devices[k])
         finally:
             if swapped is not None:
                 env[raw_of[node][0]] = swapped
@@ -232,24 +244,25 @@ def run_lockstep(
     def advance(b: int, stop: fx.Node) -> tuple[Env, Env]:
         """Batch ``b``'s two lanes evaluated from its checkpoint up to ``stop`` (exclusive): new environments."""
         r, q = dict(ref[b]), dict(quant[b])
+        k = b % len(devices)
         node = start[b]
         while node is not stop:
             current[0] = node
             if node.op == "placeholder":
-                r[node] = q[node] = batches[b].to(device)
+                r[node] = q[node] = batches[b].to(devices[k])
             elif node.op == "get_attr":
                 pass  # fetched when a node first reads it
             elif node.op == "output":
                 raise CalibrationError(f"the walk passed the graph's output before observer {stop.name}")
             else:
-                fetch(node)
-                shared = (node not in sites and node not in ref_overrides and node not in raw_of
+                fetch(node, k)
+                shared = (node not in sites and node not in ref_overrides[k] and node not in raw_of
                           and all(a.op == "get_attr" or r[a] is q[a] for a in node.all_input_nodes))
                 if shared:
-                    r[node] = q[node] = evaluate(node, q, lane_ref=False)
+                    r[node] = q[node] = evaluate(node, q, False, k)
                 else:
-                    r[node] = evaluate(node, r, lane_ref=True)
-                    q[node] = evaluate(node, q, lane_ref=False)
+                    r[node] = evaluate(node, r, True, k)
+                    q[node] = evaluate(node, q, False, k)
             here = pos[node]
             for arg in [*node.all_input_nodes, node]:
                 if arg.op != "get_attr" and last_use[arg] <= here:
@@ -262,7 +275,7 @@ def run_lockstep(
     def release_weights() -> None:
         """Weights and float-lane overrides whose every reader lies before every batch's checkpoint."""
         here = min(pos[n] for n in start)
-        for store in (weights, ref_overrides):
+        for store in (*weights, *ref_overrides):
             for n in [n for n in store if last_use[n] < here and pos[n] < here]:
                 del store[n]
 
@@ -278,19 +291,21 @@ def run_lockstep(
         """At the first site, before anything is quantized: does the device hold the least the walk needs,
         the largest layer's weights plus every batch's states at a site in two lanes? One line if not."""
         checked.append(True)
-        free = _free_device_bytes(device)
-        if free is None:
-            return
-        layer, weights = _largest_layer(gm)
-        weights = weights if offloaded else 0  # a graph on the device holds its weights there already
-        states = 2 * per_batch * len(batches)
-        if weights + states > free:
-            held = f"{layer} needs {weights / 2**30:.2f} GiB of weights and " if offloaded else ""
-            raise DeviceMemoryError(
-                f"not enough device memory for the sequential walk: {held}the {len(batches)} calibration batches' "
-                f"states at a site need {states / 2**30:.2f} GiB (two lanes), {free / 2**30:.2f} GiB free on {device}: "
-                "calibrate on fewer or shorter sequences, or on a larger device"
-            )
+        for k, on in enumerate(devices):
+            free = _free_device_bytes(on)
+            if free is None:
+                continue
+            layer, needed = _largest_layer(gm)
+            needed = needed if offloaded else 0  # a graph on the device holds its weights there already
+            count = len(range(k, len(batches), len(devices)))  # the batches walked on this device
+            states = 2 * per_batch * count
+            if needed + states > free:
+                held = f"{layer} needs {needed / 2**30:.2f} GiB of weights and " if offloaded else ""
+                raise DeviceMemoryError(
+                    f"not enough device memory for the sequential walk: {held}the {count} calibration batches' "
+                    f"states at a site need {states / 2**30:.2f} GiB (two lanes), {free / 2**30:.2f} GiB free on {on}: "
+                    "calibrate on fewer or shorter sequences, or on a larger device"
+                )
 
     first = next(iter(gm.graph.nodes))
     start: list[fx.Node] = [first for _ in batches]  # each batch's checkpoint: its first node not evaluated
@@ -312,7 +327,7 @@ def run_lockstep(
                     per_batch = sum((_tensors(r) | _tensors(q)).values())
                     if not checked:
                         preflight(per_batch)
-                    keep[0] = budget is None or per_batch * len(batches) <= budget
+                    keep[0] = budget is None or per_batch * -(-len(batches) // len(devices)) <= budget  # per device
                 if keep[0]:
                     ref[b], quant[b], start[b] = r, q, stop
                     note_states(state_bytes() if budget is not None or b == len(batches) - 1 else 0)
@@ -343,8 +358,9 @@ def run_lockstep(
                 stream, settle = stream_for(site)
                 result = on_site(SiteInputs(site, stream, len(batches)))
                 transforms[observer] = result.transform
-                for k, v in result.ref_overrides.items():
-                    ref_overrides[k] = place(v)
+                for node, v in result.ref_overrides.items():
+                    for k, on in enumerate(devices):
+                        ref_overrides[k][node] = place(v, on)
                 for reader in result.raw_readers:
                     raw_of[reader] = (observer, site.producer)
                     extra_users.setdefault(site.producer, set()).add(reader)

@@ -441,17 +441,26 @@ def activation_error(weight: torch.Tensor, xs: Iterable[torch.Tensor], quantizer
 
     With ``D = Q(x) - x`` it equals ``sum_ij (D^T D)_ij (W^T W)_ij``. ``gram`` (default: when
     ``O > C``, e.g. q/k/v together, fc1, gate/up) takes that form: the ``[C, C]`` Gram matrix of ``D``
-    costs ``C / O`` of the ``[tokens, O]`` product. Returns float64 scalars."""
+    costs ``C / O`` of the ``[tokens, O]`` product. Batches on several devices (a walk spread over
+    GPUs) are reduced where they are, against a copy of ``W`` there, and the sums added on ``weight``'s
+    device. Returns float64 scalars."""
     outputs, channels = weight.shape
-    w = weight.detach().float()
     if gram is None:
         gram = outputs > channels
-    wtw = w.T @ w if gram else None
-    if gram:
-        accs = [torch.zeros(channels, channels, device=w.device) for _ in quantizers]
-    else:
-        accs = [torch.zeros((), dtype=torch.float64, device=w.device) for _ in quantizers]
+    per_device: dict[torch.device, tuple[torch.Tensor, list[torch.Tensor]]] = {}
+
+    def on(device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if device not in per_device:
+            w = weight.detach().to(device).float()
+            if gram:
+                per_device[device] = w.T @ w, [torch.zeros(channels, channels, device=device) for _ in quantizers]
+            else:
+                per_device[device] = w, [torch.zeros((), dtype=torch.float64, device=device) for _ in quantizers]
+        return per_device[device]
+
+    on(weight.device)
     for x in xs:
+        w, accs = on(x.device)
         flat = x.reshape(-1, channels).float()
         for acc, quantize in zip(accs, quantizers):
             d = quantize(flat) - flat
@@ -459,7 +468,11 @@ def activation_error(weight: torch.Tensor, xs: Iterable[torch.Tensor], quantizer
                 acc.addmm_(d.T, d)
             else:
                 acc += (d @ w.T).square().sum().double()
-    return [(acc * wtw).sum().double() for acc in accs] if gram else accs
+    totals = [torch.zeros((), dtype=torch.float64, device=weight.device) for _ in quantizers]
+    for w, accs in per_device.values():
+        for total, acc in zip(totals, accs):
+            total += ((acc * w).sum().double() if gram else acc).to(weight.device)
+    return totals
 
 
 def input_aware_weight(

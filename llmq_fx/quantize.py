@@ -32,7 +32,7 @@ def quantize(
     calib: torch.Tensor | Iterable[torch.Tensor],
     config: QuantConfig | dict | None = None,
     progress: bool = True,
-    device: str | torch.device | None = None,
+    device: str | torch.device | list[str | torch.device] | None = None,
     inplace: bool = False,
 ) -> fx.GraphModule:
     """Quantize a captured model; returns a new GraphModule (``gm`` is not mutated unless ``inplace``).
@@ -49,7 +49,10 @@ def quantize(
             each weight there when a node reads it and frees it after its last reader, GPTQ and the
             rotation compute there, and every result is stored back on the host, so device memory
             holds one layer's weights and the calibration activations, not the model. The returned
-            graph lives where ``gm`` does. Runs the sequential-GPTQ recipes (the default).
+            graph lives where ``gm`` does. Runs the sequential-GPTQ recipes (the default). A list of
+            devices (``["cuda:0", "cuda:1"]``) spreads the sequential walk's calibration batches over
+            them (batch ``b`` on device ``b mod n``: each holds ``1/n`` of the activations and they
+            compute side by side); the first is where the passes compute.
         inplace: rewrite ``gm`` itself and return it. The default copy shares ``gm``'s tensors and
             the passes replace rather than write into them, so it costs no second copy of the weights;
             but ``gm`` keeps every original tensor alive while the copy gets new ones (rotated weights,
@@ -72,12 +75,21 @@ def quantize(
     _check_group_size(gm, config)  # as does a group size that a Linear's width does not allow
     home = next((p.device for p in gm.parameters()), torch.device("cpu"))
     narrow = _captured_dtypes(gm)
-    device = _check_device(config, passes, home, home if device is None else torch.device(device), gm, narrow)
+    named = [home] if device is None else [torch.device(d) for d in device] if isinstance(device, (list, tuple)) else [torch.device(device)]
+    if not named:
+        raise ConfigError("quantize(device=[]) names no device")
+    walk = [_check_device(config, passes, home, d, gm, narrow) for d in named]
+    device = walk[0]
+    if len(walk) > 1 and not config.runs_sequential_gptq():
+        raise ConfigError(f"quantize(device={[str(d) for d in walk]}): only the sequential GPTQ walk spreads over several "
+                          "devices, and this config does not run it; name one device")
     qgm = gm if inplace else share_tensors_copy(gm)  # the passes replace tensors, never write into them
     meta = qgm.meta.setdefault("llmq_fx", {})
     meta.update(config=config.to_dict(), recipe=passes.to_dict(), gptq_sequential=config.runs_sequential_gptq())
     if device != home:
         meta["device"] = str(device)
+    if len(walk) > 1:
+        meta["walk_devices"] = [str(d) for d in walk]
     _note_act_aware(config, meta)
     timings = meta.setdefault("timings_s", {})
     bar = tqdm(passes, desc="llmq_fx", unit="stage", disable=not progress)
@@ -90,6 +102,7 @@ def quantize(
             qgm = p(qgm).graph_module
             timings[p.stage] = time.perf_counter() - t0
             logger.info("stage %s: %.2f s", p.stage, timings[p.stage])
+    meta.pop("walk_devices", None)
     if meta.pop("device", None) is not None:
         qgm.to(home)  # the few small tensors made on the device (activation ranges, statistics) join the weights
     _as_captured(qgm, narrow)

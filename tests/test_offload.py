@@ -236,3 +236,35 @@ def test_moved_to_the_host_is_the_plain_copy(dtype):
     out = moved(t, "cpu")
     assert out.device.type == "cpu" and out.dtype == dtype and torch.equal(out, t.cpu())
     assert moved(out, "cpu") is out or torch.equal(moved(out, "cpu"), out)
+
+
+def test_walk_spread_over_devices_computes_what_one_device_does(deep_gm, calib, eval_ids):
+    """quantize(device=[d, d]) walks batch b on slot b mod 2, each slot fetching its own weights and keeping
+    its own float-lane overrides; on one CPU both slots are the same device, so the moments and the clip
+    search reduce in the same order and the model must be the one-device model bit for bit."""
+    one = llmq_fx.quantize(deep_gm, calib, progress=False)
+    two = llmq_fx.quantize(deep_gm, calib, progress=False, device=["cpu", "cpu"])
+    assert "walk_devices" not in two.meta["llmq_fx"]
+    a, b = one.state_dict(), two.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    with pytest.raises(ConfigError, match="only the sequential GPTQ walk spreads over several devices"):
+        llmq_fx.quantize(deep_gm, calib, static_config(), progress=False, device=["cpu", "cpu"])
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_walk_spread_over_two_gpus_is_close_to_one(calib, eval_ids):
+    """Two GPUs: batches walked side by side, moments reduced per device and added on the first; the sums'
+    order differs from one device's, so the model is compared by its outputs and codes, not bit for bit."""
+    host = llmq_fx.trace(make_opt(num_hidden_layers=LAYERS))
+    one = llmq_fx.quantize(host, calib, progress=False, device="cuda:0")
+    two = llmq_fx.quantize(host, calib, progress=False, device=["cuda:0", "cuda:1"])
+    assert all(t.device.type == "cpu" for t in list(two.parameters()) + list(two.buffers()))
+    codes = [k for k, v in one.state_dict().items() if k.endswith("weight_int")]
+    agree = sum(int((one.get_buffer(k) == two.get_buffer(k)).sum()) for k in codes)
+    total = sum(one.get_buffer(k).numel() for k in codes)
+    assert codes and agree / total > 0.99
+    with torch.no_grad():
+        lo, lt = one(eval_ids), two(eval_ids)
+    assert (lo - lt).abs().max() < 0.05 * lo.abs().max()

@@ -122,7 +122,7 @@ class SequentialGPTQPass(CalibratedPass, GPTQPass):
 
             def observed():  # the inputs per batch; the float lane's channel statistics, as calibrate() records
                 for x_ref, x_q in inputs:
-                    site.module(x_ref)
+                    site.module(x_ref.to(site.module.mean.device))  # a batch walked on another GPU
                     yield x_ref, x_q
 
             if not linears:
@@ -192,14 +192,22 @@ def _moments_precision(device: torch.device) -> str:
 def _moments(pairs, quant: ActivationSpec, channels: int, device: torch.device,
              precision: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean ``Hq = Q(X~)^T Q(X~)`` and ``C = Q(X~)^T X`` over the ``(X, X~)`` batches of ``pairs``
-    (``qmath.add_moments_``, the Gram in ``precision``)."""
-    hessian = torch.zeros(channels, channels, dtype=torch.float32, device=device)
-    cross = torch.zeros_like(hessian)
+    (``qmath.add_moments_``, the Gram in ``precision``), on ``device``. Batches on other devices (a walk
+    spread over GPUs) are accumulated where they are and the sums added on ``device``."""
+    sums: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
     tokens = 0
     for x_ref, x_q in pairs:
+        if x_q.device not in sums:
+            h = torch.zeros(channels, channels, dtype=torch.float32, device=x_q.device)
+            sums[x_q.device] = h, torch.zeros_like(h)
         q = quant(x_q.reshape(-1, channels).float())
-        qmath.add_moments_(hessian, cross, q, x_ref.reshape(-1, channels).float(), precision)
+        qmath.add_moments_(*sums[x_q.device], q, x_ref.reshape(-1, channels).float(), precision)
         tokens += q.shape[0]
+    hessian = torch.zeros(channels, channels, dtype=torch.float32, device=device)
+    cross = torch.zeros_like(hessian)
+    for h, c in sums.values():
+        hessian += h.to(device)
+        cross += c.to(device)
     return hessian / tokens, cross / tokens
 
 
