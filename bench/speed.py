@@ -102,30 +102,32 @@ def _reset_peak_rss() -> bool:
 class StageClock:
     """Wall time and peak memory of consecutive stages: ``start()``, then ``lap(name)`` at each stage end."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, others: tuple[torch.device, ...] = ()):
         self.device = device
+        self.gpus = [d for d in (device, *others) if d.type == "cuda"]  # peaks: the largest on any of them
         self.stages: dict[str, dict] = {}
         self.rss_resettable = _reset_peak_rss()
 
     def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        for d in self.gpus:
+            torch.cuda.synchronize(d)
 
     def start(self) -> None:
         self._sync()
         _reset_peak_rss()
         self._rss0 = _status_kib("VmRSS") / 1024
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._gpu0 = torch.cuda.memory_allocated(self.device) / MIB
+        for d in self.gpus:
+            torch.cuda.reset_peak_memory_stats(d)
+        if self.gpus:
+            self._gpu0 = max(torch.cuda.memory_allocated(d) for d in self.gpus) / MIB
         self._t0 = time.perf_counter()
 
     def lap(self, name: str) -> dict:
         self._sync()
         rec = {"seconds": time.perf_counter() - self._t0,
                "peak_rss_mib": _status_kib("VmHWM") / 1024, "start_rss_mib": self._rss0}
-        if self.device.type == "cuda":
-            rec["peak_gpu_mib"] = torch.cuda.max_memory_allocated(self.device) / MIB
+        if self.gpus:
+            rec["peak_gpu_mib"] = max(torch.cuda.max_memory_allocated(d) for d in self.gpus) / MIB
             rec["start_gpu_mib"] = self._gpu0
         self.stages[name] = rec
         logger.info("%s: %.2f s", name, rec["seconds"])
@@ -360,8 +362,9 @@ def run_one(name: str, args, device: torch.device, save) -> None:
     from llmq_fx.corpus import calibration_set, load_text, tokenize
     from llmq_fx.models import load_model
 
-    clock = StageClock(device)
-    entry: dict = {"command": args.command, "machine": machine(device), "device": str(device), "stages": clock.stages}
+    clock = StageClock(device, tuple(args.walk[1:]))
+    entry: dict = {"command": args.command, "machine": machine(device), "device": ",".join(map(str, args.walk)),
+                   "stages": clock.stages}
     clock.start()
     stored = getattr(torch, args.weights_dtype) if args.weights_dtype else None
     host_gm = model = None
@@ -404,6 +407,8 @@ def run_one(name: str, args, device: torch.device, save) -> None:
     float_forward(gm, calib, args.batch_size, device)
     clock.lap("floor")
     entry["placement"] = f"weights on the host, computed on {device}" if args.host_weights else f"weights on {device}"
+    if len(args.walk) > 1:
+        entry["placement"] += f"; the GPTQ walk's batches spread over {', '.join(map(str, args.walk))}"
     if host_gm is not None:  # the floor's device graph goes; quantize walks the host copy
         del gm
         gc.collect()  # a GraphModule is a reference cycle (graph <-> module): not freed by del alone
@@ -422,8 +427,11 @@ def run_one(name: str, args, device: torch.device, save) -> None:
     save(name, entry)
 
     # The materialized host copy is the bench's own: quantized in place, its originals freed as they are replaced.
-    qgm = quantize_by_stage(gm, calib, config, clock, device if args.host_weights else None, inplace=host_gm is not None)
+    walk = args.walk if len(args.walk) > 1 else device if args.host_weights else None
+    qgm = quantize_by_stage(gm, calib, config, clock, walk, inplace=host_gm is not None)
     entry["lockstep"] = qgm.meta["llmq_fx"].get("lockstep")
+    moments = [r.get("moments") for r in qgm.meta["llmq_fx"].get("gptq", {}).values() if r.get("sequential")]
+    entry["moments"] = {p: moments.count(p) for p in sorted(set(moments))}  # Linears rounded with TF32 / float32 Grams
     st = clock.stages
     floor = st["floor"]["seconds"]
     pipeline = sum(st[s]["seconds"] for s in PIPELINE if s in st)
@@ -536,7 +544,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="*", default=[], help="built-in models (opt-mini, smollm2-135m, ...)")
     p.add_argument("--shapes", nargs="*", default=[], choices=sorted(SHAPES), help="random-init OPT shapes")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda; comma-separated GPUs (cuda:0,cuda:1) spread the "
+                   "GPTQ walk's calibration batches over them (peak memory: the largest on any of them)")
     p.add_argument("--calib", default="128x2048", help="random calibration ids N x T for --shapes")
     p.add_argument("--calib-samples", type=int, default=32, help="windows of the built-in text for --models")
     p.add_argument("--seq-len", type=int, default=512, help="window length for --models and the latency window")
@@ -569,7 +578,8 @@ def main() -> None:
         for section, entries in json.loads(other.read_text()).items():
             for name, entry in entries.items():
                 save_entry(args.json, section, name, entry)
-    device = torch.device(args.device)
+    args.walk = [torch.device(d) for d in args.device.split(",")]  # several: the GPTQ walk spread over them
+    device = args.walk[0]
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     section = "cuda" if device.type == "cuda" else "cpu"
     suffix = f" ({args.tag})" if args.tag else ""
