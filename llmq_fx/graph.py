@@ -208,7 +208,8 @@ def attr_users_elsewhere(gm: fx.GraphModule, get_attr_node: fx.Node, allowed: fx
     others = [u.name for u in get_attr_node.users if u is not allowed]
     tensor = attr(gm, get_attr_node.target)
     for name, p in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
-        if name != get_attr_node.target and p.data_ptr() == tensor.data_ptr() and p.numel():
+        shared = p is tensor if tensor.device.type == "meta" else p.data_ptr() == tensor.data_ptr()  # meta: no storage
+        if name != get_attr_node.target and shared and p.numel():
             others.append(name)
     return others
 

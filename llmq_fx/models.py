@@ -24,7 +24,7 @@ from torch import nn
 
 from llmq_fx.errors import CheckpointError
 
-__all__ = ["load_model", "trace_checkpoint", "trace_on_meta", "BUILTIN_MODELS", "ASSETS", "tiny_opt_config"]
+__all__ = ["load_model", "load_model_on_meta", "checkpoint_folder", "meta_model", "trace_checkpoint", "trace_on_meta", "BUILTIN_MODELS", "ASSETS", "tiny_opt_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +67,13 @@ def _checked_config(folder: Path):
     return config
 
 
+def _folder_tokenizer(folder: Path):
+    """The folder's tokenizer, or None for a weights-only folder (quantizable from token ids; AutoTokenizer
+    would otherwise build an empty tokenizer from the model type alone)."""
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+    return _load_tokenizer(folder) if any((folder / f).is_file() for f in tokenizer_files) else None
+
+
 def _load_hf_folder(folder: Path, dtype: torch.dtype) -> tuple[nn.Module, object]:
     from transformers import AutoModelForCausalLM
 
@@ -81,11 +88,7 @@ def _load_hf_folder(folder: Path, dtype: torch.dtype) -> tuple[nn.Module, object
     except Exception as err:  # transformers/safetensors/torch raise many types for a bad checkpoint
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
         raise CheckpointError(f"cannot load the weights in {folder}: {first}") from err
-    # A weights-only folder is still quantizable from token ids; AutoTokenizer would otherwise
-    # build an empty tokenizer from the model type alone.
-    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-    tokenizer = _load_tokenizer(folder) if any((folder / f).is_file() for f in tokenizer_files) else None
-    return model.eval(), tokenizer
+    return model.eval(), _folder_tokenizer(folder)
 
 
 def _check_weights_file(path: Path) -> None:
@@ -166,19 +169,39 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32) -> 
     return _load_hf_folder(path, dtype)
 
 
-def trace_on_meta(config):
+def meta_model(config) -> nn.Module:
     """The causal LM of a transformers ``config`` built on the meta device (``accelerate.init_empty_weights``:
-    parameters without memory, buffers such as rotary frequencies built as usual) and traced there in
-    float32: a graph whose weights cost nothing until something writes them (``graph.write_attr``)."""
+    parameters without memory, buffers such as rotary frequencies built as usual), in float32."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
-
-    from llmq_fx.capture import trace
 
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.tie_weights()  # not done on meta by the constructor: a tied lm_head is the embedding
-    return trace(model.eval())
+    return model.eval()
+
+
+def load_model_on_meta(name_or_path: str | Path) -> tuple[nn.Module, object]:
+    """A local Hugging Face causal-LM folder (or a built-in model's folder) as ``meta_model`` and its tokenizer:
+    what ``export.to_genai`` needs besides the quantized graph of ``trace_checkpoint(folder)``."""
+    folder = checkpoint_folder(name_or_path)
+    return meta_model(_checked_config(folder)), _folder_tokenizer(folder)
+
+
+def checkpoint_folder(name_or_path: str | Path) -> Path:
+    """The folder ``trace_checkpoint`` reads for a model name or path (the built-in opt-mini is a folder)."""
+    name = str(name_or_path)
+    if name in BUILTIN_MODELS and name != "opt-mini":
+        raise CheckpointError(f"built-in model {name!r} has no safetensors folder to read tensor by tensor: use a model folder")
+    return ASSETS / "opt-mini" if name == "opt-mini" else Path(name).expanduser()
+
+
+def trace_on_meta(config):
+    """``meta_model(config)`` traced on the meta device in float32: a graph whose weights cost nothing until
+    something writes them (``graph.write_attr``)."""
+    from llmq_fx.capture import trace
+
+    return trace(meta_model(config))
 
 
 def trace_checkpoint(folder: str | Path, weights_dtype: torch.dtype = torch.bfloat16):

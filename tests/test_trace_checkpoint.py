@@ -73,3 +73,38 @@ def test_checkpoint_problems_name_the_tensor(tmp_path):
     weights.rename(tmp_path / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match=r"no \*\.safetensors weights"):
         llmq_fx.trace_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("build", [_opt, _llama], ids=["opt", "llama"])
+def test_decoder_of_a_checkpoint_graph_needs_no_float_model(build, tmp_path):
+    """The KV-cache decoder (export.decoder.quantized_decoder) captured from the model built on the meta device
+    (models.meta_model: no weights anywhere) computes what the one captured from the float model computes,
+    bit for bit, on a prefill and a decode step: every model tensor comes from the quantized graph, the rotation
+    is replayed on shapes only, and the capture's own constants are made where the quantized graph lives."""
+    from llmq_fx.export.decoder import quantized_decoder
+    from llmq_fx.models import meta_model
+
+    model = build()
+    model.save_pretrained(tmp_path)
+    gm = llmq_fx.trace_checkpoint(tmp_path, weights_dtype=torch.float32)
+    calib = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(1))
+    qgm = llmq_fx.quantize(gm, calib, {"calib_batch_size": 2}, progress=False, inplace=True)
+    on_meta = meta_model(model.config)
+    assert all(p.device.type == "meta" for p in on_meta.parameters())
+    a, b = quantized_decoder(qgm, on_meta), quantized_decoder(qgm, model)
+    assert {t.device.type for t in list(a.parameters()) + list(a.buffers())} == {"cpu"}
+    def fused(g):  # the llmq ops the ONNX export turns into onnxruntime's fused and 4-bit ops
+        return sorted(str(n.target) for n in g.graph.nodes if str(n.target).startswith("llmq."))
+
+    assert fused(a) == fused(b) and "llmq.group_query_attention.default" in fused(a)
+    spec = a.meta["llmq_fx"]["decoder"]
+    heads, size, layers = spec["num_kv_heads"], spec["head_size"], spec["num_layers"]
+    ids = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(2))
+    empty = [torch.zeros(1, heads, 0, size) for _ in range(2 * layers)]
+    with torch.no_grad():
+        first = [m(ids, torch.ones_like(ids), torch.arange(6)[None], empty) for m in (a, b)]
+        nxt = ids[:, -1:]
+        second = [m(nxt, torch.ones(1, 7, dtype=torch.long), torch.tensor([[6]]), list(f[1:]))
+                  for m, f in zip((a, b), first)]
+    for x, y in [*zip(first[0], first[1]), *zip(second[0], second[1])]:
+        assert torch.equal(x, y)

@@ -66,6 +66,7 @@ def quantized_decoder(qgm: fx.GraphModule, model: nn.Module, check: bool = True,
     from llmq_fx.passes.rotate import RotatePass
 
     dgm = trace_decoder(model)
+    on_meta = next(model.parameters()).device.type == "meta"  # e.g. for a graph from llmq_fx.trace_checkpoint
     spec = dgm.meta["llmq_fx"]["decoder"]
     _own_tensors(dgm)
     meta = qgm.meta.get("llmq_fx", {})
@@ -76,6 +77,8 @@ def quantized_decoder(qgm: fx.GraphModule, model: nn.Module, check: bool = True,
     dgm.graph.eliminate_dead_code()
     _copy_tensors(qgm, dgm)
     _drop_unread(dgm)
+    if on_meta:
+        _off_meta(dgm, next((t.device for t in qgm.parameters()), torch.device("cpu")))
     dgm.graph.lint()
     dgm.recompile()
     dgm.meta["llmq_fx"] = {**{k: v for k, v in meta.items() if k != "site_stats"}, "decoder": spec, "fused": fuse}
@@ -242,9 +245,31 @@ def _copy_tensors(qgm: fx.GraphModule, dgm: fx.GraphModule) -> None:
         mine = attr(dgm, node.target)
         if mine.shape != value.shape:
             raise UnsupportedModelError(f"tensor {node.target}: {tuple(mine.shape)} in the decoder, {tuple(value.shape)} quantized")
+        if value.is_floating_point() and mine.is_floating_point():
+            value = value.to(mine.dtype)  # as captured: a float graph may store its weights narrower (trace_checkpoint)
         set_attr(dgm, node.target, value.detach().clone(), buffer=not isinstance(mine, nn.Parameter))
     if kept:
         logger.debug("decoder constants kept: %s", kept)
+
+
+def _off_meta(gm: fx.GraphModule, device: torch.device) -> None:
+    """A decoder captured from a model on the meta device, once every model tensor came from the quantized
+    graph: its factories and moves name ``device``, and the capture's own constants (the empty tensors a
+    first step's cache starts from) are made there. A constant with values cannot be made up: error."""
+    from llmq_fx.graph import retarget_devices
+
+    retarget_devices(gm, "meta", device)
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        t = attr(gm, node.target)
+        if isinstance(t, torch.Tensor) and t.device.type == "meta":
+            if t.numel():
+                raise UnsupportedModelError(
+                    f"decoder tensor {node.target} {tuple(t.shape)} was captured on the meta device and the quantized "
+                    "graph has no tensor of that name: export from the model with its weights")
+            owner, _, leaf = node.target.rpartition(".")
+            setattr(gm.get_submodule(owner) if owner else gm, leaf, torch.empty(t.shape, dtype=t.dtype, device=device))
 
 
 def _drop_unread(gm: fx.GraphModule) -> None:

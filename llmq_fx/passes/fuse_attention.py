@@ -134,11 +134,13 @@ def _rope_tables(cos: fx.Node, sin: fx.Node) -> tuple[fx.Node, fx.Node] | None:
 
 
 def _output_tokens(sdpa: fx.Node) -> fx.Node | None:
-    """The node that takes the attention output back to ``[B, S, H * D]`` (``reshape/transpose/reshape``)."""
+    """The node that takes the attention output back to ``[B, S, H * D]`` (``reshape/transpose/reshape``, a
+    ``contiguous`` between them where the model was captured on the meta device)."""
     node = sdpa
     for _ in range(4):
         users = list(node.users)
-        if len(users) != 1 or not _is(users[0], aten.reshape.default, aten.view.default, aten.transpose.int, *_CASTS):
+        if len(users) != 1 or not _is(users[0], aten.reshape.default, aten.view.default, aten.transpose.int,
+                                      aten.contiguous.default, *_CASTS):  # contiguous: captured on the meta device
             break
         node = users[0]
         val = node.meta.get("val")

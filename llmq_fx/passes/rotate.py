@@ -290,8 +290,9 @@ class RotatePass(LlmqPass):
         norms, kind, writers, readers = plan.norms, plan.kind, plan.writers, plan.readers
         d = attr(gm, norms[0].weight.target).numel()
         # Drawn on the CPU generator (the same matrix whatever the device), used where the passes compute.
-        q = rotation_matrix(d, gen).to(compute_device(gm))
+        q = rotation_matrix(d, gen)
         full_hadamard = bool(torch.allclose(q.abs(), torch.full_like(q, d**-0.5), rtol=0, atol=1e-12))
+        q = q.to(compute_device(gm))  # on the meta device for a decoder captured without weights (export.decoder)
         center = kind == "layer_norm"
 
         # Where the residual basis now lives (SortResidualPass permutes it): last-axis tensors
@@ -626,6 +627,8 @@ def _own_param(gm: fx.GraphModule, user: fx.Node, w_node: fx.Node, preferred: st
     set_attr(gm, target, value, buffer=False)
     with gm.graph.inserting_before(user):
         node = gm.graph.get_attr(target)
+    if "val" in w_node.meta:  # the captured dtype: a copy of a weight stored narrower computes as captured
+        node.meta["val"] = w_node.meta["val"]
     user.replace_input_with(w_node, node)
     logger.info("rotation: untied %s -> %s for %s", w_node.target, target, user.name)
     return target
