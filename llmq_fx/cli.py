@@ -120,6 +120,9 @@ def _cmd_quantize(args) -> int:
         )
     walk = [d.strip() for d in args.device.split(",")]  # "cuda:0,cuda:1": the GPTQ walk spread over both
     args.device = walk[0]  # where the model, the passes and the evaluation run
+    if args.weights_dtype == "bfloat16" and args.float_onnx:
+        raise llmq_fx.ConfigError("--float-onnx exports the float model, which --weights-dtype bfloat16 stores narrower "
+                                  "than it computes: drop one of them")
     if args.host_weights and args.device == "cpu":
         raise llmq_fx.ConfigError("--host-weights keeps the model on the host and quantizes it on --device: pass --device cuda")
     passes = llmq_fx.recipe(config)
@@ -128,8 +131,14 @@ def _cmd_quantize(args) -> int:
 
     # Everything that can fail on the user's inputs fails here, before any file is written.
     t0 = time.perf_counter()
-    model, tokenizer = load_model(args.model)
-    if not args.host_weights:
+    if args.weights_dtype:  # a checkpoint folder read tensor by tensor into host memory; the model only on meta
+        from llmq_fx.models import checkpoint_folder, load_model_on_meta
+
+        model, tokenizer = load_model_on_meta(args.model)
+        gm = llmq_fx.trace_checkpoint(checkpoint_folder(args.model), getattr(torch, args.weights_dtype))
+    else:
+        model, tokenizer = load_model(args.model)
+    if not (args.host_weights or args.weights_dtype):
         model.to(args.device)
     timings["load"] = time.perf_counter() - t0
     if is_token_file(args.calib):
@@ -143,7 +152,8 @@ def _cmd_quantize(args) -> int:
 
     with _staged_folder(out) as stage:
         t0 = time.perf_counter()
-        gm = llmq_fx.trace(model)
+        if not args.weights_dtype:  # else captured with the load
+            gm = llmq_fx.trace(model)
         timings["trace"] = time.perf_counter() - t0
         qgm = llmq_fx.quantize(gm, calib, config, progress=not args.quiet, device=walk if len(walk) > 1 else args.device)
         timings.update(qgm.meta["llmq_fx"]["timings_s"])
@@ -185,6 +195,8 @@ def _cmd_quantize(args) -> int:
             report["onnx"] = {**onnx_qdq_report(onnx_path), "format": args.onnx_format, "accuracy_level": args.accuracy_level}
             report["onnx"]["size_ratio_to_float_weights"] = report["onnx"]["file_bytes"] / report["float_weight_bytes"]
             runners = {"pytorch_float": gm, "pytorch_quantized": qgm, "onnxruntime_quantized": onnx_path}
+            if args.weights_dtype not in (None, "float32"):
+                del runners["pytorch_float"]  # stored narrower than it computes: only the quantize walk widens it
             if args.float_onnx:
                 t0 = time.perf_counter()
                 to_genai(gm, model, tokenizer, stage / "float", format=args.onnx_format)
@@ -198,6 +210,9 @@ def _cmd_quantize(args) -> int:
         if eval_tokens is not None:
             ev = {"text": args.eval, "seq_len": args.seq_len, "windows": args.eval_windows}
             for name, runner in (("float", gm), ("quantized", qgm)):
+                if name == "float" and args.weights_dtype not in (None, "float32"):
+                    ev[name] = None  # its weights are stored narrower than it computes: only the quantize walk widens them
+                    continue
                 t0 = time.perf_counter()
                 ev[name] = perplexity(runner, eval_tokens, args.seq_len, args.eval_windows).to_dict()
                 ev[name]["seconds"] = time.perf_counter() - t0
@@ -266,11 +281,11 @@ def _print_result(report: dict, out: Path, recipe_line: str) -> None:
     lines = [("", "value")]
     ev = report.get("eval")
     if ev:
-        lines.append(("perplexity float (PyTorch)", f"{ev['float']['ppl']:.3f}"))
+        lines.append(("perplexity float (PyTorch)", f"{ev['float']['ppl']:.3f}" if ev["float"] else "not run (weights stored narrow)"))
         lines.append(("perplexity quantized (PyTorch)", f"{ev['quantized']['ppl']:.3f}"))
         if "onnxruntime" in ev:
             lines.append(("perplexity quantized (onnxruntime)", f"{ev['onnxruntime']['ppl']:.3f}"))
-        lines.append(("eval tokens", f"{ev['float']['tokens']} ({ev['windows']} x {ev['seq_len']})"))
+        lines.append(("eval tokens", f"{ev['quantized']['tokens']} ({ev['windows']} x {ev['seq_len']})"))
     if "onnx" in report:
         bits = f"W{cfg['w_bits'] or 16}A{cfg['a_bits'] or 16}"
         if "onnx_float" in report:
@@ -457,6 +472,11 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--host-weights", action="store_true",
                    help="keep the model on the host and quantize it layer by layer on --device (each weight moved there "
                         "while the GPTQ walk reads it): device memory for one layer and the calibration activations")
+    q.add_argument("--weights-dtype", choices=["float32", "bfloat16"],
+                   help="capture the model folder on the meta device and read its safetensors one tensor at a time "
+                        "into host memory in this dtype (llmq_fx.trace_checkpoint): no other copy of the model is built, "
+                        "and with --device cuda it is quantized layer by layer as with --host-weights; with bfloat16 "
+                        "the float model is not evaluated")
     q.add_argument("--no-onnx", action="store_true", help="skip the ONNX export (no onnxruntime-genai folder)")
     q.add_argument("--onnx-format", choices=["fast", "qdq"], default="fast",
                    help="fast: MatMulNBits 4-bit weights (default); qdq: standard QuantizeLinear/DequantizeLinear only")

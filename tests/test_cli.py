@@ -105,6 +105,10 @@ def test_a_failed_run_leaves_nothing_and_keeps_the_previous_result(tmp_path):
          "--cluster-sweep varies n_clusters of static activations, but the config has a_dynamic: true"),
         (["quantize", "--model", "opt-tiny-random", "--out", "{tmp}/o", "--host-weights"],
          "--host-weights keeps the model on the host and quantizes it on --device: pass --device cuda"),
+        (["quantize", "--model", "opt-mini", "--out", "{tmp}/o", "--weights-dtype", "bfloat16", "--float-onnx"],
+         "--float-onnx exports the float model, which --weights-dtype bfloat16 stores narrower"),
+        (["quantize", "--model", "opt-tiny-random", "--out", "{tmp}/o", "--weights-dtype", "float32"],
+         "built-in model 'opt-tiny-random' has no safetensors folder to read tensor by tensor"),
         (["inspect", "{tmp}/nothing"], "no report.json"),
         (["eval", "--onnx", "{tmp}/missing.onnx"], "ONNX model not found"),
         (["eval", "--graph", "{tmp}"], "graph file not found: {tmp}/graph.pt2"),
@@ -212,3 +216,23 @@ def test_generate_errors_are_one_line(tmp_path_factory, capsys, argv, message):
     rc = main([a.replace("{tmp}", str(empty)).replace("{run}", str(run)) for a in argv])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err[-1].startswith("llmq-fx: error:") and message in err[-1]
+
+
+def test_checkpoint_route_writes_a_genai_folder_without_a_float_model(tmp_path):
+    """--weights-dtype: the folder captured on the meta device, its weights read one tensor at a time in that dtype
+    (trace_checkpoint), quantized, and exported as an onnxruntime-genai folder whose decoder was captured on the
+    meta device too. In float32 it is the ordinary route's model: the same PyTorch perplexity to the bit; in
+    bfloat16 the float model is not evaluated (stored narrower than it computes) and the export computes the
+    quantized graph's numbers (accuracy level 0: onnxruntime within 1%)."""
+    common = ["--model", "opt-mini", "--seq-len", "64", "--calib-samples", "4", "--eval", "eval", "--eval-windows", "2",
+              "--latency-runs", "0", "--quiet"]
+    assert main(["quantize", "--out", str(tmp_path / "plain"), "--no-onnx", *common]) == 0
+    assert main(["quantize", "--out", str(tmp_path / "f32"), "--no-onnx", "--weights-dtype", "float32", *common]) == 0
+    plain, f32 = (json.loads((tmp_path / n / "report.json").read_text())["eval"] for n in ("plain", "f32"))
+    assert f32["float"]["ppl"] == plain["float"]["ppl"] and f32["quantized"]["ppl"] == plain["quantized"]["ppl"]
+    assert main(["quantize", "--out", str(tmp_path / "bf16"), "--weights-dtype", "bfloat16", "--accuracy-level", "0", *common]) == 0
+    report = json.loads((tmp_path / "bf16" / "report.json").read_text())
+    assert report["eval"]["float"] is None
+    assert abs(report["eval"]["onnxruntime"]["ppl"] / report["eval"]["quantized"]["ppl"] - 1) < 0.01
+    assert {"model.onnx", "genai_config.json", "tokenizer.json"} <= {p.name for p in (tmp_path / "bf16").iterdir()}
+    assert report["onnx"]["op_types"].get("GroupQueryAttention", 0) > 0 and report["onnx"]["matmul_nbits"] > 0
