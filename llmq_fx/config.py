@@ -91,7 +91,7 @@ class QuantConfig:
         calib_precision: matrix products of the calibration forwards and statistics on CUDA:
             "float32", or "tf32" (TensorFloat-32 inputs, float32 accumulation). With "tf32" the
             sequential walk's Hessians are TF32 products too, each checked: one whose damped form has
-            no Cholesky factor is recomputed in float32 (``qmath.gptq_factorizes``). GPTQ's own math
+            no Cholesky factor is recomputed in float32 (``qmath.damped_hessian_factor``). GPTQ's own math
             (Cholesky, column loop, act-aware target) stays float32 either way. On the CPU there
             is no TF32 and both compute in float32.
         calib_dtype: the dtype the sequential GPTQ walk carries its two lanes of activations in:

@@ -74,7 +74,7 @@ def add_moments_(hessian: torch.Tensor, cross: torch.Tensor, q: torch.Tensor, x:
     On the CPU, and on CUDA without TF32, two float32 products. On CUDA with TF32 allowed
     (``calib_precision: "tf32"``) the Gram ``q^T q`` is computed from its blocks on and above the
     diagonal (symmetric), in ``precision`` ("float32", or "tf32": about 3x faster on an H200, with an
-    error about 40x float32's; ``gptq_factorizes`` is the check a TF32 Hessian must pass), and
+    error about 40x float32's; ``damped_hessian_factor`` is the check a TF32 Hessian must pass), and
     ``q^T x = q^T q + q^T (x - q)``: the Gram plus a TF32 product of the difference, which is small
     beside ``x`` (the activation quantizer's error and the upstream layers' drift), so TF32's relative
     error applies to the small term only."""
@@ -106,15 +106,23 @@ def _symmetric_gram(q: torch.Tensor, blocks: int = 4, precision: str = "float32"
     return out
 
 
-def gptq_factorizes(hessian: torch.Tensor, damp: float) -> bool:
-    """Whether ``H + damp * mean(diag H) I`` has a Cholesky factor in float64, dead inputs (``H_jj == 0``)
-    set to 1 first: GPTQ's and the act-aware solve's first attempt, before any extra dampening
-    (``_damped``). A Hessian computed in TF32 that fails it is recomputed in float32."""
-    h = hessian.detach().to(torch.float64).clone()
+def damped_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor | None:
+    """The lower Cholesky factor (float64, on ``hessian``'s device) of ``H + damp * mean(diag H) I``, dead
+    inputs (``H_jj == 0``) set to 1 first: the act-aware solve's factor at the asked dampening, computed
+    once for every Linear reading the Hessian (``input_aware_weight(..., factor=)``). None where it has
+    none (no extra dampening is tried here): a Hessian computed in TF32 is then recomputed in float32."""
+    try:
+        return _damped(_live64(hessian, hessian.device), damp, lambda lower: lower, retries=(1,))
+    except StatisticsError:
+        return None
+
+
+def _live64(hessian: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A float64 copy of ``hessian`` on ``device`` with dead inputs (``H_jj == 0``) set to 1."""
+    h = hessian.detach().to(device=device, dtype=torch.float64).clone()
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
-    h.diagonal().add_(damp * torch.diagonal(h).mean())
-    return int(torch.linalg.cholesky_ex(h)[1]) == 0
+    return h
 
 
 # Smallest scale: a channel that never moved from zero still gets a finite, positive scale.
@@ -476,7 +484,8 @@ def activation_error(weight: torch.Tensor, xs: Iterable[torch.Tensor], quantizer
 
 
 def input_aware_weight(
-    weight: torch.Tensor, hessian_q: torch.Tensor, cross: torch.Tensor, strength: float, damp: float = 0.01
+    weight: torch.Tensor, hessian_q: torch.Tensor, cross: torch.Tensor, strength: float, damp: float = 0.01,
+    factor: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The float weight GPTQ should round when the layer will read quantized inputs ``Xq = Q(X)``.
 
@@ -496,6 +505,8 @@ def input_aware_weight(
     the quantized model's inputs; here ``Q`` is the layer's own per-token activation quantizer on
     the float model's inputs). ``damp * mean(diag Hq)`` is added to ``Hq``'s diagonal for the solve,
     as in GPTQ; rows of ``Hq`` that are all zero (dead inputs) leave those columns of ``W`` as they are.
+    ``factor``: that damped matrix's Cholesky factor when already computed (``damped_hessian_factor``, once
+    for the Linears sharing ``Hq``).
 
     Computed in float64 on ``weight``'s device; returned as float32.
     """
@@ -508,17 +519,17 @@ def input_aware_weight(
     w = weight.detach().to(torch.float64)
     if strength == 0.0:
         return w.to(torch.float32)
-    h = hessian_q.detach().to(device=w.device, dtype=torch.float64).clone()
     c = cross.detach().to(device=w.device, dtype=torch.float64)
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
+    dead = (torch.diagonal(hessian_q) == 0).to(w.device)
+    if factor is None:
+        factor = _damped_cholesky(_live64(hessian_q, w.device), damp, "act-aware target")
     # Hq symmetric positive definite: (W C^T Hq^-1)^T = Hq^-1 C W^T, one Cholesky solve for all rows.
-    target = torch.cholesky_solve(c @ w.T, _damped_cholesky(h, damp, "act-aware target")).T
+    target = torch.cholesky_solve(c @ w.T, factor.to(w.device)).T
     target[:, dead] = w[:, dead]
     return (w + strength * (target - w)).to(torch.float32)
 
 
-def _damped(h: torch.Tensor, damp: float, finish, what: str = "") -> torch.Tensor:
+def _damped(h: torch.Tensor, damp: float, finish, what: str = "", retries: tuple[int, ...] = _GPTQ_DAMP_RETRIES) -> torch.Tensor:
     """``finish(L)`` for the lower Cholesky factor ``L`` of ``H + lambda I``, ``lambda = damp *
     mean(diag H)``, retried with more damping when rounding left ``H`` short of positive definite
     (``finish`` returns None when its own factorization fails, which also retries)."""
@@ -526,7 +537,7 @@ def _damped(h: torch.Tensor, damp: float, finish, what: str = "") -> torch.Tenso
     mean_diag = torch.diagonal(h).mean()
     eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     tried = []
-    for factor in _GPTQ_DAMP_RETRIES:
+    for factor in retries:
         d = damp if factor == 1 else max(damp, 1e-3) * factor
         tried.append(d)
         lower, info = torch.linalg.cholesky_ex(h + d * mean_diag * eye)

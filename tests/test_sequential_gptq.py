@@ -239,19 +239,19 @@ def test_a_tf32_hessian_that_does_not_factorize_is_recomputed_in_float32(opt_gm,
     from llmq_fx import qmath
 
     plain = _sequential(opt_gm, calib, clip_search=[0.8, 1.0])
-    real_check = qmath.gptq_factorizes
+    real_check = qmath.damped_hessian_factor
     monkeypatch.setattr(sequential_gptq, "_moments_precision", lambda device: "tf32")
     seen = []
 
     def factorizes(h, damp):
         seen.append(h.shape[0])
-        return len(seen) != 2  # the second site's TF32 Hessian "fails"
+        return None if len(seen) == 2 else real_check(h, damp)  # the second site's TF32 Hessian "fails"
 
-    monkeypatch.setattr(sequential_gptq.qmath, "gptq_factorizes", factorizes)
+    monkeypatch.setattr(sequential_gptq.qmath, "damped_hessian_factor", factorizes)
     checked = _sequential(opt_gm, calib, clip_search=[0.8, 1.0])
     records = checked.meta["llmq_fx"]["gptq"]
     sites = [s for s in observer_sites(checked) if any(not p.endswith("lm_head") for p in s.record.consumers)]
-    assert len(seen) == len(sites) > 2
+    assert len(seen) == len(sites) + 1 and len(sites) > 2  # the recomputed site factors its float32 Hessian too
     second = {n for n, r in records.items() if r["moments"] == "float32"}
     assert second == set(sites[1].record.consumers)
     assert all(r["moments"] == "tf32" for n, r in records.items() if n not in second)
@@ -263,6 +263,6 @@ def test_a_tf32_hessian_that_does_not_factorize_is_recomputed_in_float32(opt_gm,
     # the check itself: a positive definite matrix factorizes, one with a negative eigenvalue beyond the damping does not
     g = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
     h = g.T @ g / 64
-    assert real_check(h, 0.01)
+    assert real_check(h, 0.01) is not None
     h[3, 3] = -1.0
-    assert not real_check(h, 0.01)
+    assert real_check(h, 0.01) is None

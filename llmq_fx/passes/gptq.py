@@ -160,7 +160,7 @@ class GPTQPass(LlmqPass):
         return site.module.cross_matrix()
 
     def _quantize_linear(self, gm: fx.GraphModule, linear: fx.Node, hessian: torch.Tensor, site_name: str,
-                         cross: torch.Tensor | None = None) -> dict:
+                         cross: torch.Tensor | None = None, factor: torch.Tensor | None = None) -> dict:
         path = module_path(linear)
         w_node = linear.args[1]
         if not (isinstance(w_node, fx.Node) and w_node.op == "get_attr"):
@@ -174,7 +174,7 @@ class GPTQPass(LlmqPass):
         t0 = time.perf_counter()
         original = weight
         if cross is not None:
-            weight = qmath.input_aware_weight(weight, hessian, cross, opts.act_aware, opts.damp)
+            weight = qmath.input_aware_weight(weight, hessian, cross, opts.act_aware, opts.damp, factor)
         try:
             qweight, scale = qmath.gptq_quantize_weight(
                 weight, hessian, spec.bits, spec.group_size, opts.act_order, opts.damp, opts.block_size, spec.clip

@@ -139,17 +139,19 @@ class SequentialGPTQPass(CalibratedPass, GPTQPass):
             device = compute_device(gm)
             precision = _moments_precision(device)
             hessian, cross = _moments(pairs, quant, channels, device, precision)
-            if precision == "tf32" and not qmath.gptq_factorizes(hessian, self.options.damp):
+            factor = qmath.damped_hessian_factor(hessian, self.options.damp)  # once for the site's Linears
+            if precision == "tf32" and factor is None:
                 # TF32's rounding left the damped Hessian short of positive definite: float32, one more pass.
                 logger.info("%s: TF32 Hessian not positive definite at dampening %g; recomputed in float32",
                             site.name, self.options.damp)
                 precision = "float32"
                 hessian, cross = _moments(iter(inputs), quant, channels, device, precision)
+                factor = qmath.damped_hessian_factor(hessian, self.options.damp)  # None: the solve dampens more
             overrides = {}
             for linear in linears:
                 weight = attr(gm, linear.args[1].target)
                 weight = weight.to(traced_dtype(linear.args[1]) or weight.dtype)  # as the float lane computes
-                record = self._quantize_linear(gm, linear, hessian, site.name, cross)
+                record = self._quantize_linear(gm, linear, hessian, site.name, cross, factor)
                 records[module_path(linear)] = dict(record, sequential=True, moments=precision)
                 overrides[linear.args[1]] = weight  # the float lane keeps the float weight
                 modified = True
@@ -185,7 +187,7 @@ class SequentialGPTQPass(CalibratedPass, GPTQPass):
 
 def _moments_precision(device: torch.device) -> str:
     """The Gram's precision: TF32 where the walk's products are TF32 (CUDA, ``calib_precision: "tf32"``),
-    checked by ``qmath.gptq_factorizes``; float32 otherwise."""
+    checked by ``qmath.damped_hessian_factor``; float32 otherwise."""
     return "tf32" if device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32 else "float32"
 
 
@@ -203,12 +205,16 @@ def _moments(pairs, quant: ActivationSpec, channels: int, device: torch.device,
         q = quant(x_q.reshape(-1, channels).float())
         qmath.add_moments_(*sums[x_q.device], q, x_ref.reshape(-1, channels).float(), precision)
         tokens += q.shape[0]
-    hessian = torch.zeros(channels, channels, dtype=torch.float32, device=device)
-    cross = torch.zeros_like(hessian)
-    for h, c in sums.values():
+    if device in sums:
+        hessian, cross = sums.pop(device)
+    else:  # every batch was walked on another device
+        hessian, cross = torch.zeros(channels, channels, device=device), torch.zeros(channels, channels, device=device)
+    for h, c in sums.values():  # batches walked on other devices
         hessian += h.to(device)
         cross += c.to(device)
-    return hessian / tokens, cross / tokens
+    hessian /= tokens
+    cross /= tokens
+    return hessian, cross
 
 
 def _quantized(quant: ActivationSpec, channels: int, x: torch.Tensor) -> torch.Tensor:
