@@ -92,8 +92,9 @@ class QuantConfig:
             "float32", or "tf32" (TensorFloat-32 inputs, float32 accumulation). With "tf32" the
             sequential walk's Hessians are TF32 products too, each checked: one whose damped form has
             no Cholesky factor is recomputed in float32 (``qmath.damped_hessian_factor``). GPTQ's own math
-            (Cholesky, column loop, act-aware target) stays float32 either way. On the CPU there
-            is no TF32 and both compute in float32.
+            stays as it is either way: the damped Hessian's Cholesky factor and GPTQ's inverse factor in
+            float64, the column loop and the act-aware target's products in float32/float64. On the CPU
+            there is no TF32 and both compute in float32.
         calib_dtype: the dtype the sequential GPTQ walk carries its two lanes of activations in:
             "float32", or "bfloat16" (CUDA only: half the activation memory; weights are cast as
             they are used, GPTQ's moments and math stay float32).

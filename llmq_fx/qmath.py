@@ -32,6 +32,8 @@ __all__ = [
     "activation_group",
     "dequantize_weight",
     "gptq_quantize_weight",
+    "hessian_factor",
+    "HessianFactor",
     "input_aware_weight",
     "activation_error",
     "round_to_scale",
@@ -106,13 +108,77 @@ def _symmetric_gram(q: torch.Tensor, blocks: int = 4, precision: str = "float32"
     return out
 
 
-def damped_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor | None:
-    """The lower Cholesky factor (float64, on ``hessian``'s device) of ``H + damp * mean(diag H) I``, dead
-    inputs (``H_jj == 0``) set to 1 first: the act-aware solve's factor at the asked dampening, computed
-    once for every Linear reading the Hessian (``input_aware_weight(..., factor=)``). None where it has
-    none (no extra dampening is tried here): a Hessian computed in TF32 is then recomputed in float32."""
+class HessianFactor:
+    """``H + lambda I`` factored once in float64 for every Linear that reads ``H`` (``hessian_factor``):
+    the act-aware target's solve and GPTQ's inverse factor come from the one Cholesky factorization.
+
+    ``order`` is GPTQ's visiting order (descending ``H_jj`` with ``act_order``, else ``0 .. C-1``) and
+    ``lower`` the lower Cholesky factor ``M`` of the damped matrix permuted to ``order`` and then
+    *reversed*: with ``P`` the permutation and ``J`` the reversal, ``J P^T (H + lambda I) P J = M M^T``.
+    Reversed, because then ``R = J M J`` is upper with ``P^T (H + lambda I) P = R R^T``, so GPTQ's upper
+    factor of the inverse (``U^T U = (P^T (H + lambda I) P)^-1``) is ``U = R^-1 = J M^-1 J``: one Cholesky
+    and one triangular inverse, where the usual route (Cholesky, ``cholesky_inverse``, Cholesky of the
+    inverse) factors twice and forms the inverse. ``damp`` is the dampening that factorized."""
+
+    def __init__(self, order: torch.Tensor, lower: torch.Tensor, damp: float, act_order: bool):
+        self.order, self.lower, self.damp, self.act_order = order, lower, damp, act_order
+        self._upper: torch.Tensor | None = None
+
+    def solve(self, b: torch.Tensor) -> torch.Tensor:
+        """``(H + lambda I)^-1 b`` for ``b`` ``[C, k]`` (float64, on ``lower``'s device)."""
+        rev = self.order.flip(0)
+        y = torch.cholesky_solve(b.to(device=self.lower.device, dtype=torch.float64)[rev], self.lower)
+        out = torch.empty_like(y)
+        out[rev] = y
+        return out
+
+    def gptq_upper(self) -> torch.Tensor:
+        """GPTQ's ``U`` (upper, float32, rows and columns in ``order``), computed on first use and kept for
+        the other Linears of the site."""
+        if self._upper is None:
+            eye = torch.eye(self.lower.shape[0], dtype=self.lower.dtype, device=self.lower.device)
+            inverse = torch.linalg.solve_triangular(self.lower, eye, upper=False)
+            del eye
+            self._upper = inverse.to(torch.float32).flip(0, 1)
+        return self._upper
+
+
+def hessian_factor(hessian: torch.Tensor, damp: float, act_order: bool = True, what: str = "",
+                   retries: tuple[int, ...] | None = None) -> HessianFactor:
+    """``HessianFactor`` of ``hessian`` with dead inputs (``H_jj == 0``) set to 1 and ``damp * mean(diag H)``
+    on the diagonal, in float64 on ``hessian``'s device. Where rounding left the damped matrix short of
+    positive definite the dampening is retried at 10x, 100x, 1000x (a warning says so; ``retries=(1,)``
+    tries the asked one only) before ``StatisticsError`` is raised."""
+    h = _live64(hessian, hessian.device)
+    n = h.shape[0]
+    order = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else torch.arange(n, device=h.device)
+    rev = order.flip(0)
+    h = h[rev[:, None], rev[None, :]]
+    mean_diag = torch.diagonal(h).mean()
+    who = f"GPTQ {what}" if what else "GPTQ"
+    tried = []
+    for factor in retries or _GPTQ_DAMP_RETRIES:
+        d = damp if factor == 1 else max(damp, 1e-3) * factor
+        tried.append(d)
+        damped = h.clone()
+        damped.diagonal().add_(d * mean_diag)
+        lower, info = torch.linalg.cholesky_ex(damped)
+        del damped
+        if int(info) == 0 and bool(torch.isfinite(lower).all()):
+            if factor != 1:
+                logger.warning("%s: Hessian needed dampening %g (asked %g) to be positive definite", who, d, damp)
+            return HessianFactor(order, lower, d, act_order)
+    raise StatisticsError(
+        f"{who}: the Hessian is not positive definite even with dampening {', '.join(f'{d:g}' for d in tried)} "
+        "x mean(diag H); calibrate on more tokens or raise 'gptq_damp'"
+    )
+
+
+def damped_hessian_factor(hessian: torch.Tensor, damp: float, act_order: bool = True) -> HessianFactor | None:
+    """``hessian_factor`` at the asked dampening only; None where it has no Cholesky factor there (a Hessian
+    computed in TF32 is then recomputed in float32)."""
     try:
-        return _damped(_live64(hessian, hessian.device), damp, lambda lower: lower, retries=(1,))
+        return hessian_factor(hessian, damp, act_order, retries=(1,))
     except StatisticsError:
         return None
 
@@ -328,6 +394,7 @@ def gptq_quantize_weight(
     damp: float = 0.01,
     block_size: int = 128,
     clip: bool = False,
+    factor: HessianFactor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ (Frantar et al. 2023): round column by column, pushing each column's error onto the rest.
 
@@ -352,6 +419,8 @@ def gptq_quantize_weight(
       stays the contiguous input columns ``[g*G, (g+1)*G)`` of the ONNX blocked layout although the
       columns are visited out of order.
     * ``clip``: every scale comes from ``weight_scale``'s clipping search instead of the plain absmax.
+    * ``factor``: ``hessian_factor(hessian, damp, act_order)`` when the caller already has it (one per
+      input site, shared by the Linears reading it); ``U`` is its ``gptq_upper()``.
 
     All math is float32 on ``weight``'s device (CUDA when the model is on CUDA). On CUDA, with Triton
     importable and static scales, each block's column loop runs as one kernel (``kernels.gptq_block``).
@@ -372,17 +441,19 @@ def gptq_quantize_weight(
     if block_size < 1:
         raise ValueError(f"block size must be positive, got {block_size}")
     with cuda_matmul_precision("float32"):
-        return _gptq(weight, hessian, bits, group_size, act_order, damp, block_size, clip)
+        if factor is None:
+            factor = hessian_factor(hessian, damp, act_order)
+        elif factor.act_order != act_order or factor.lower.shape[0] != in_features:
+            raise ValueError(f"the Hessian factor was computed for act_order={factor.act_order} and "
+                             f"{factor.lower.shape[0]} inputs, not act_order={act_order} and {in_features}")
+        return _gptq(weight, hessian, bits, group_size, act_order, block_size, clip, factor)
 
 
-def _gptq(weight, hessian, bits, group_size, act_order, damp, block_size, clip):
+def _gptq(weight, hessian, bits, group_size, act_order, block_size, clip, factor):
     out_features, in_features = weight.shape
     qmin, qmax = integer_range(bits, symmetric=True)
     w = weight.detach().to(torch.float32).clone()
-    h = hessian.detach().to(device=w.device, dtype=torch.float32).clone()
-
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
+    dead = (torch.diagonal(hessian) == 0).to(w.device)
     w[:, dead] = 0.0
 
     # Scales fixed before the loop (per channel, or static groups); dynamic groups fill theirs in.
@@ -394,16 +465,13 @@ def _gptq(weight, hessian, bits, group_size, act_order, damp, block_size, clip):
         block_size = max(group_size, block_size // group_size * group_size)
     static_scale = group_size is None or act_order
 
+    perm = factor.order.to(w.device)  # visiting order: descending H_jj with act_order, else 0 .. C-1
     if act_order:
-        perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
         w = w[:, perm]
-        h = h[perm][:, perm]
-    else:
-        perm = torch.arange(in_features, device=w.device)
     if group_size is not None and static_scale:
         column_scale = scale[:, perm // group_size]  # [out, in] in visiting order; indexed by ints below
 
-    u = _upper_cholesky_of_inverse(h, damp)
+    u = factor.gptq_upper().to(w.device)
     codes = torch.empty_like(w)
     one_launch = static_scale and kernels.available(w)  # the loop below as one Triton kernel per block
     for i1 in range(0, in_features, block_size):
@@ -505,8 +573,8 @@ def input_aware_weight(
     the quantized model's inputs; here ``Q`` is the layer's own per-token activation quantizer on
     the float model's inputs). ``damp * mean(diag Hq)`` is added to ``Hq``'s diagonal for the solve,
     as in GPTQ; rows of ``Hq`` that are all zero (dead inputs) leave those columns of ``W`` as they are.
-    ``factor``: that damped matrix's Cholesky factor when already computed (``damped_hessian_factor``, once
-    for the Linears sharing ``Hq``).
+    ``factor``: that damped matrix's ``HessianFactor`` when already computed (``hessian_factor``, once for
+    the Linears sharing ``Hq``).
 
     Computed in float64 on ``weight``'s device; returned as float32.
     """
@@ -522,46 +590,8 @@ def input_aware_weight(
     c = cross.detach().to(device=w.device, dtype=torch.float64)
     dead = (torch.diagonal(hessian_q) == 0).to(w.device)
     if factor is None:
-        factor = _damped_cholesky(_live64(hessian_q, w.device), damp, "act-aware target")
+        factor = hessian_factor(hessian_q, damp, act_order=False, what="act-aware target")
     # Hq symmetric positive definite: (W C^T Hq^-1)^T = Hq^-1 C W^T, one Cholesky solve for all rows.
-    target = torch.cholesky_solve(c @ w.T, factor.to(w.device)).T
+    target = factor.solve(c @ w.T).to(w.device).T
     target[:, dead] = w[:, dead]
     return (w + strength * (target - w)).to(torch.float32)
-
-
-def _damped(h: torch.Tensor, damp: float, finish, what: str = "", retries: tuple[int, ...] = _GPTQ_DAMP_RETRIES) -> torch.Tensor:
-    """``finish(L)`` for the lower Cholesky factor ``L`` of ``H + lambda I``, ``lambda = damp *
-    mean(diag H)``, retried with more damping when rounding left ``H`` short of positive definite
-    (``finish`` returns None when its own factorization fails, which also retries)."""
-    who = f"GPTQ {what}" if what else "GPTQ"
-    mean_diag = torch.diagonal(h).mean()
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    tried = []
-    for factor in retries:
-        d = damp if factor == 1 else max(damp, 1e-3) * factor
-        tried.append(d)
-        lower, info = torch.linalg.cholesky_ex(h + d * mean_diag * eye)
-        out = finish(lower) if int(info) == 0 else None
-        if out is not None and bool(torch.isfinite(out).all()):
-            if factor != 1:
-                logger.warning("%s: Hessian needed dampening %g (asked %g) to be positive definite", who, d, damp)
-            return out
-    raise StatisticsError(
-        f"{who}: the Hessian is not positive definite even with dampening {', '.join(f'{d:g}' for d in tried)} "
-        "x mean(diag H); calibrate on more tokens or raise 'gptq_damp'"
-    )
-
-
-def _damped_cholesky(h: torch.Tensor, damp: float, what: str) -> torch.Tensor:
-    """Lower Cholesky factor of ``H + lambda I``, retried with more damping (``_damped``)."""
-    return _damped(h, damp, lambda lower: lower, what)
-
-
-def _upper_cholesky_of_inverse(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper ``U`` with ``U^T U = (H + lambda I)^-1``, ``lambda = damp * mean(diag H)``, retried with more damping."""
-
-    def upper_of_inverse(lower):
-        u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
-        return u if int(info) == 0 else None
-
-    return _damped(h, damp, upper_of_inverse)

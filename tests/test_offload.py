@@ -255,16 +255,30 @@ def test_walk_spread_over_devices_computes_what_one_device_does(deep_gm, calib, 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_walk_spread_over_two_gpus_is_close_to_one(calib, eval_ids):
-    """Two GPUs: batches walked side by side, moments reduced per device and added on the first; the sums'
-    order differs from one device's, so the model is compared by its outputs and codes, not bit for bit."""
+    """Two GPUs: batches walked side by side, moments and clip-search errors reduced per device and added on
+    the first. A batch's products are the same on either GPU; only the order of the sums over batches
+    differs. So the first site, whose inputs no rounding has touched yet, must get the same activation
+    clip and the same Hessian: its Linears' recorded errors (each a trace with that Hessian) agree to
+    1e-4. Later sites read layers whose codes can differ where a value sat on a rounding tie (GPTQ carries
+    a flipped code's error on along its row), so the rest of the model is judged by what it computes: its
+    output error against the float model within 25% of the one-GPU model's (measured on an H200 pair: 14%
+    higher; a model whose later sites missed half their batches would still pass, the first site's
+    records are what checks the reduction)."""
     host = llmq_fx.trace(make_opt(num_hidden_layers=LAYERS))
     one = llmq_fx.quantize(host, calib, progress=False, device="cuda:0")
+    torch.cuda.reset_peak_memory_stats(1)
     two = llmq_fx.quantize(host, calib, progress=False, device=["cuda:0", "cuda:1"])
+    assert torch.cuda.max_memory_allocated(1) > 0  # the second GPU walked batches
     assert all(t.device.type == "cpu" for t in list(two.parameters()) + list(two.buffers()))
-    codes = [k for k, v in one.state_dict().items() if k.endswith("weight_int")]
-    agree = sum(int((one.get_buffer(k) == two.get_buffer(k)).sum()) for k in codes)
-    total = sum(one.get_buffer(k).numel() for k in codes)
-    assert codes and agree / total > 0.99
+    r1, r2 = one.meta["llmq_fx"]["gptq"], two.meta["llmq_fx"]["gptq"]
+    assert r1.keys() == r2.keys()
+    site = next(iter(r1.values()))["site"]
+    first = [name for name, r in r1.items() if r["site"] == site]
+    assert first
+    for name in first:
+        for key in ("rtn_error", "target_shift"):
+            assert r2[name][key] == pytest.approx(r1[name][key], rel=1e-4), (name, key)
     with torch.no_grad():
-        lo, lt = one(eval_ids), two(eval_ids)
-    assert (lo - lt).abs().max() < 0.05 * lo.abs().max()
+        ref, lo, lt = host(eval_ids), one(eval_ids), two(eval_ids)
+    e1, e2 = float((lo - ref).pow(2).mean()), float((lt - ref).pow(2).mean())
+    assert e2 < 1.25 * e1, (e1, e2)

@@ -130,15 +130,24 @@ class GPTQPass(LlmqPass):
                 continue
             hessian = self._site_hessian(site)
             cross = self._site_cross(site) if self.options.act_aware is not None else None
+            factor = self._site_factor(hessian, site.name)  # once for the site's Linears
             for linear in linears:
-                records[module_path(linear)] = self._quantize_linear(gm, linear, hessian, site.name, cross)
+                records[module_path(linear)] = self._quantize_linear(gm, linear, hessian, site.name, cross, factor)
                 modified = True
-            del hessian, cross
+            del hessian, cross, factor
             site.module.release_moments()  # consumed; the next sites need the memory (opt-6.7b: ~77 GB in all)
         gm.graph.eliminate_dead_code()
         gm.graph.lint()
         gm.recompile()
         return PassResult(gm, modified)
+
+    def _site_factor(self, hessian: torch.Tensor, site_name: str) -> qmath.HessianFactor:
+        """The damped Hessian's float64 factor (``qmath.hessian_factor``), shared by the act-aware solve and
+        GPTQ's rounding of every Linear reading the site."""
+        try:
+            return qmath.hessian_factor(hessian, self.options.damp, self.options.act_order)
+        except StatisticsError as err:
+            raise StatisticsError(f"input site {site_name}: {err}") from err
 
     def _site_hessian(self, site) -> torch.Tensor:
         if not site.module.track_hessian:
@@ -160,7 +169,7 @@ class GPTQPass(LlmqPass):
         return site.module.cross_matrix()
 
     def _quantize_linear(self, gm: fx.GraphModule, linear: fx.Node, hessian: torch.Tensor, site_name: str,
-                         cross: torch.Tensor | None = None, factor: torch.Tensor | None = None) -> dict:
+                         cross: torch.Tensor | None = None, factor: qmath.HessianFactor | None = None) -> dict:
         path = module_path(linear)
         w_node = linear.args[1]
         if not (isinstance(w_node, fx.Node) and w_node.op == "get_attr"):
@@ -177,7 +186,7 @@ class GPTQPass(LlmqPass):
             weight = qmath.input_aware_weight(weight, hessian, cross, opts.act_aware, opts.damp, factor)
         try:
             qweight, scale = qmath.gptq_quantize_weight(
-                weight, hessian, spec.bits, spec.group_size, opts.act_order, opts.damp, opts.block_size, spec.clip
+                weight, hessian, spec.bits, spec.group_size, opts.act_order, opts.damp, opts.block_size, spec.clip, factor
             )
         except StatisticsError as err:
             raise StatisticsError(f"{path} (input site {site_name}): {err}") from err

@@ -139,14 +139,16 @@ class SequentialGPTQPass(CalibratedPass, GPTQPass):
             device = compute_device(gm)
             precision = _moments_precision(device)
             hessian, cross = _moments(pairs, quant, channels, device, precision)
-            factor = qmath.damped_hessian_factor(hessian, self.options.damp)  # once for the site's Linears
+            # Factored once for the site's Linears (the act-aware solve and GPTQ's inverse factor).
+            factor = qmath.damped_hessian_factor(hessian, self.options.damp, self.options.act_order)
             if precision == "tf32" and factor is None:
                 # TF32's rounding left the damped Hessian short of positive definite: float32, one more pass.
                 logger.info("%s: TF32 Hessian not positive definite at dampening %g; recomputed in float32",
                             site.name, self.options.damp)
                 precision = "float32"
                 hessian, cross = _moments(iter(inputs), quant, channels, device, precision)
-                factor = qmath.damped_hessian_factor(hessian, self.options.damp)  # None: the solve dampens more
+            if factor is None:  # float32 moments: more dampening where rounding needs it, or a clear error
+                factor = self._site_factor(hessian, site.name)
             overrides = {}
             for linear in linears:
                 weight = attr(gm, linear.args[1].target)
