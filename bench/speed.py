@@ -13,11 +13,14 @@ observers; ``ratio`` is pipeline time over floor time.
 
 * ``--models``: built-in models (``llmq_fx.models.load_model``), calibrated on the built-in text,
   ``--calib-samples`` windows of ``--seq-len`` tokens (the CLI's defaults: 32 x 512, batch 4).
-* ``--shapes``: random-init OPTs with the real configs of facebook/opt-{125m,1.3b,6.7b,13b,30b}, built
-  directly on ``--device``, calibrated on random token ids (``--calib NxT``); timings only. With
-  ``--host-weights --weights-dtype bfloat16`` a shape is instead captured on the meta device and
-  materialized tensor by tensor from seeded generators: a float32 copy on ``--device`` for the floor,
-  a bfloat16 copy on the host for quantize (which computes it in float32); no whole model is built.
+* ``--shapes``: random-init OPTs with the real configs of facebook/opt-{125m,1.3b,6.7b,13b,30b},
+  calibrated on random token ids (``--calib NxT``); timings only. Captured on the meta device and
+  materialized tensor by tensor from seeded generators on ``--device`` (no whole model is built; the
+  capture is the ``trace`` stage), and quantized in place under ``--no-export`` (the float weights
+  freed as they are replaced, as the peer's are). With ``--host-weights`` the model is instead built
+  on ``--device`` for the floor, traced, moved to the host and traced again; with ``--host-weights
+  --weights-dtype bfloat16`` the meta capture gives a float32 copy on ``--device`` for the floor and a
+  bfloat16 copy on the host for quantize (which computes it in float32).
 * ``--host-weights``: after the floor, the traced graph moves to the host and ``llmq_fx.quantize(...,
   device=--device)`` quantizes it layer by layer (each weight on the device only while the walk
   reads it); the entry records the walk's peak of weights held on the device.
@@ -208,16 +211,16 @@ def meta_opt_graph(shape: str):
     return trace_on_meta(config), config
 
 
-def materialize(gm, config, device: torch.device, dtype: torch.dtype):
+def materialize(gm, config, device: torch.device, dtype: torch.dtype | None):
     """``meta_opt_graph``'s graph materialized tensor by tensor from seeded generators on ``device`` (OPT's
     initialisation: normal(0, init_std) weights, unit norm weights, zero biases): the float32 graph on
-    ``device`` (for the floor) and the same values stored in ``dtype`` on the host (what quantize walks).
-    No whole model is built anywhere else."""
+    ``device`` (for the floor) and, unless ``dtype`` is None, the same values stored in ``dtype`` on the
+    host (what quantize walks with --host-weights). No whole model is built anywhere else."""
     import zlib
 
     from llmq_fx.graph import retarget_devices, share_tensors_copy, write_attr
 
-    on_device, on_host = share_tensors_copy(gm), share_tensors_copy(gm)
+    on_device, on_host = share_tensors_copy(gm), share_tensors_copy(gm) if dtype is not None else None
     for name, t in list(gm.named_parameters()) + list(gm.named_buffers()):
         if t.device.type != "meta":
             continue
@@ -229,9 +232,11 @@ def materialize(gm, config, device: torch.device, dtype: torch.dtype):
         else:
             value = torch.empty(t.shape, device=device).normal_(0.0, config.init_std, generator=g)
         write_attr(on_device, name, value, device=device)
-        write_attr(on_host, name, value, dtype=dtype, device="cpu")
+        if on_host is not None:
+            write_attr(on_host, name, value, dtype=dtype, device="cpu")
     retarget_devices(on_device, "meta", device)  # factories and moves traced with the meta device
-    retarget_devices(on_host, "meta", "cpu")
+    if on_host is not None:
+        retarget_devices(on_host, "meta", "cpu")
     return on_device, on_host
 
 
@@ -368,14 +373,16 @@ def run_one(name: str, args, device: torch.device, save) -> None:
     clock.start()
     stored = getattr(torch, args.weights_dtype) if args.weights_dtype else None
     host_gm = model = None
-    if name in SHAPES and stored is not None:  # captured on meta, materialized tensor by tensor: no whole model built
+    if name in SHAPES and (stored is not None or not args.host_weights):
+        # captured on meta, materialized tensor by tensor: no whole model built
         gm, mconfig = meta_opt_graph(name)
         clock.lap("trace")
         gm, host_gm = materialize(gm, mconfig, device, stored)
         n, t = parse_calib(args.calib)
         calib = torch.randint(0, mconfig.vocab_size, (n, t), generator=torch.Generator().manual_seed(0))
         entry["model"] = (f"random-init {name} shape, captured on the meta device, weights from seeded generators "
-                          f"(float32 on {device} for the floor, {args.weights_dtype} on the host for quantize)")
+                          + (f"(float32 on {device} for the floor, {args.weights_dtype} on the host for quantize)"
+                             if stored is not None else f"(float32 on {device})"))
     elif name in SHAPES:
         model, n, t = random_opt(name, device), *parse_calib(args.calib)
         calib = torch.randint(0, model.config.vocab_size, (n, t), generator=torch.Generator().manual_seed(0))
@@ -426,9 +433,10 @@ def run_one(name: str, args, device: torch.device, save) -> None:
         clock.lap("trace")
     save(name, entry)
 
-    # The materialized host copy is the bench's own: quantized in place, its originals freed as they are replaced.
+    # The materialized host copy is the bench's own, and without an export the float graph is not needed after
+    # this: quantized in place, its originals freed as they are replaced (as the peer's model is).
     walk = args.walk if len(args.walk) > 1 else device if args.host_weights else None
-    qgm = quantize_by_stage(gm, calib, config, clock, walk, inplace=host_gm is not None)
+    qgm = quantize_by_stage(gm, calib, config, clock, walk, inplace=host_gm is not None or args.no_export)
     entry["lockstep"] = qgm.meta["llmq_fx"].get("lockstep")
     moments = [r.get("moments") for r in qgm.meta["llmq_fx"].get("gptq", {}).values() if r.get("sequential")]
     entry["moments"] = {p: moments.count(p) for p in sorted(set(moments))}  # Linears rounded with TF32 / float32 Grams
