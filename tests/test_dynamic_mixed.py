@@ -18,7 +18,7 @@ from torch.export import Dim
 import llmq_fx
 from llmq_fx.errors import ConfigError
 from llmq_fx.export import OnnxCausalLM, onnx_qdq_report, to_onnx
-from llmq_fx.export.translation import TRANSLATION_TABLE
+from llmq_fx.export.translation import FAST_TRANSLATION_TABLE, TRANSLATION_TABLE
 from llmq_fx.passes import InsertQDQPass
 from llmq_fx.spec import ActivationSpec, WeightSpec
 from conftest import STATIC, static_config
@@ -106,6 +106,51 @@ def test_dynamic_onnx_subgraph_is_bit_exact(tmp_path, bits, symmetric, clip):
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
         np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.parametrize("group", [0, 4])
+@pytest.mark.parametrize("bits, symmetric, clip", BIT_CASES)
+def test_fast_dynamic_subgraph_is_bit_exact(tmp_path, bits, symmetric, clip, group):
+    """The ``fast`` format's float-op chain (what MatMulNBits reads) gives the reference's floats bit for bit,
+    per token and per group; asymmetric codes are clamped around zero (no zero-point add and subtract)."""
+    class Dynamic(torch.nn.Module):
+        def forward(self, x):
+            return QDQ_DYNAMIC(x, bits, symmetric, clip, group)
+
+    path = tmp_path / "fast.onnx"
+    torch.onnx.export(Dynamic().eval(), (_activations(),), path, dynamo=True, opset_version=21,
+                      custom_translation_table=FAST_TRANSLATION_TABLE, dynamic_shapes=({0: Dim("batch"), 1: Dim("seq")},))
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert "QuantizeLinear" not in ops and "DequantizeLinear" not in ops
+    if not symmetric:
+        assert ops.count("Round") == 2 and "Clip" not in ops and ops.count("Sub") == 1  # the range hi - lo only
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for x in (_activations(), _activations(seed=5)[:3, :4]):
+        shape = (*x.shape[:-1], 16 // group, group) if group else x.shape
+        ref = np_dynamic_fake_quant(x.numpy().reshape(shape), bits, symmetric, clip).reshape(x.shape)
+        (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        np.testing.assert_array_equal(got, ref)
+
+
+def test_fast_static_subgraph_is_bit_exact(tmp_path):
+    """Static per-channel codes in the ``fast`` format: clamped to ``[qmin - z, qmax - z]``, the floats of
+    ``(clip(round(x / s) + z, qmin, qmax) - z) * s`` bit for bit."""
+    x = _activations()
+    scale = (x.abs().amax(dim=(0, 1)) / 8 + 1e-3).float()
+    zp = torch.tensor([0, 3, 7, 8, 15, 1, 2, 12, 9, 4, 5, 6, 10, 11, 13, 14], dtype=torch.int32)
+
+    class Static(torch.nn.Module):
+        def forward(self, x):
+            return QDQ(x, scale, zp, 0, 15)
+
+    path = tmp_path / "static.onnx"
+    torch.onnx.export(Static().eval(), (x,), path, dynamo=True, opset_version=21,
+                      custom_translation_table=FAST_TRANSLATION_TABLE, dynamic_shapes=({0: Dim("batch"), 1: Dim("seq")},))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    s, z, f = scale.numpy(), zp.numpy().astype(np.float32), np.float32
+    ref = ((np.clip(np.round(x.numpy() / s) + z, f(0), f(15)) - z) * s).astype(np.float32)
+    np.testing.assert_array_equal(got, ref)
 
 
 # ---- models -------------------------------------------------------------------------------------

@@ -140,15 +140,25 @@ def _dynamic_rows(x, channels: int, spec: ActivationSpec, integer_codes: bool = 
     eps = op.Constant(value_float=qmath.SCALE_EPS)
     if symmetric:
         scale = op.Max(op.Div(op.Max(op.Neg(lo), hi), op.Constant(value_float=float(qmax))), eps)
+        if not integer_codes:
+            return _fake_quantize(x, scale, None, qmin, qmax)
         zero_point = zero
     else:
         scale = op.Max(op.Div(op.Sub(hi, lo), op.Constant(value_float=float(qmax - qmin))), eps)
-        # qmath clamps this to [qmin, qmax]; here that clamp is a no-op, so it is left out (one node
-        # per site, which decode pays for): lo <= 0 <= hi and scale >= (hi - lo) / (qmax - qmin) give
-        # -lo / scale in [0, qmax - qmin], so qmin - lo / scale rounds into [qmin, qmax].
+        if not integer_codes:
+            # Codes clamped around zero instead of shifted by the zero point z = round(qmin - lo / s):
+            # with qmin = 0 (every unsigned range), -z = round(lo / s) (round half to even is odd), and on
+            # integers, held exactly, clip(round(x / s) + z, 0, qmax) - z = clip(round(x / s), -z, qmax - z).
+            # The same floats as qmath's formula with two nodes and one full-size pass fewer per site.
+            if qmin != 0:
+                raise ValueError(f"asymmetric activation codes start at 0, got [{qmin}, {qmax}]")
+            low = op.Round(op.Div(lo, scale))
+            high = op.Add(low, op.Constant(value_float=float(qmax)))
+            return op.Mul(op.Min(op.Max(op.Round(op.Div(x, scale)), low), high), scale)
+        # qmath clamps this to [qmin, qmax]; here that clamp is a no-op, so it is left out: lo <= 0 <= hi
+        # and scale >= (hi - lo) / (qmax - qmin) give -lo / scale in [0, qmax - qmin], so qmin - lo / scale
+        # rounds into [qmin, qmax].
         zero_point = op.Round(op.Sub(op.Constant(value_float=float(qmin)), op.Div(lo, scale)))
-    if not integer_codes:
-        return _fake_quantize(x, scale, None if symmetric else zero_point, qmin, qmax)
     if (qmin, qmax) != (type_min, type_max):
         x = _clamp_to_codes(x, scale, zero_point, qmin, qmax)
     if symmetric:
@@ -171,8 +181,14 @@ def _fake_quantize(x, scale, zero_point_float, qmin: int, qmax: int):
 
 
 def quantize_dequantize_fast(x, scale, zero_point, qmin: int, qmax: int):
-    """Static activation fake quantization in float ops (the ``fast`` format of ``quantize_dequantize_onnx``)."""
-    return _fake_quantize(x, scale, op.Cast(zero_point, to=onnx.TensorProto.FLOAT), qmin, qmax)
+    """Static activation fake quantization in float ops (the ``fast`` format of ``quantize_dequantize_onnx``):
+    ``clip(round(x / s), qmin - z, qmax - z) * s``, which on integers (held exactly) is ``(clip(round(x / s)
+    + z, qmin, qmax) - z) * s``; the bounds are constants onnxruntime folds, so the full-size passes are
+    five (division, rounding, the two bounds, the product) instead of six."""
+    z = op.Cast(zero_point, to=onnx.TensorProto.FLOAT)
+    low = op.Sub(op.Constant(value_float=float(qmin)), z)
+    high = op.Sub(op.Constant(value_float=float(qmax)), z)
+    return op.Mul(op.Min(op.Max(op.Round(op.Div(x, scale)), low), high), scale)
 
 
 def quantize_dequantize_dynamic_fast(x, bits: int, symmetric: bool, clip_ratio: float = 1.0, group_size: int = 0):
