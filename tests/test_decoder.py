@@ -14,7 +14,7 @@ import llmq_fx
 from llmq_fx.errors import CheckpointError
 from llmq_fx.export import generate, onnx_qdq_report, quantized_decoder, to_genai, to_onnx
 from llmq_fx.export.genai import genai_config
-from llmq_fx.export.onnx_export import nbits_block_size
+from llmq_fx.export.onnx_export import PACKED_META, nbits_block_size
 from conftest import STATIC, VOCAB, make_opt
 
 MIXED = {**STATIC, "a_outlier_bits": 8, "n_clusters": 4}
@@ -134,24 +134,39 @@ def test_matmul_nbits_holds_the_graphs_codes_and_scales(quantized, tmp_path):
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
     nodes = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
     assert nodes
+    held, packs = [], 0
     for node in nodes:
         attrs = {a.name: a.i for a in node.attribute}
-        codes = qgm.get_buffer(node.input[1]).numpy().astype(np.int32)  # the packed blob keeps the codes' name
-        scale = qgm.get_buffer(node.input[1].replace("weight_int", "weight_scale")).numpy()
-        n_out, k_in = codes.shape
-        bits = 4 if int(codes.min()) >= -8 and int(codes.max()) <= 7 and attrs["bits"] == 4 else 8
-        assert (attrs["N"], attrs["K"], attrs["bits"]) == (n_out, k_in, bits)
-        group = k_in // scale.shape[1] if scale.ndim == 2 else None
-        assert attrs["block_size"] == nbits_block_size(k_in, group)
-        packed = inits[node.input[1]]
-        if bits == 4:
-            unpacked = np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(n_out, k_in).astype(np.int32)
-        else:
-            unpacked = packed.reshape(n_out, k_in).astype(np.int32)
-        np.testing.assert_array_equal(unpacked, codes + 2 ** (bits - 1))
-        blocks = k_in // attrs["block_size"]
-        expected = np.repeat(scale[:, None], blocks, 1) if scale.ndim == 1 else scale
-        np.testing.assert_array_equal(inits[node.input[2]], expected)
+        meta = {e.key: e.value for e in node.metadata_props}
+        # one weight (the blob keeps the codes' name), or several packed along N (q/k/v, fc1 alone, gate/up)
+        weights = json.loads(meta[PACKED_META]) if PACKED_META in meta else [[node.input[1], attrs["N"]]]
+        packs += PACKED_META in meta
+        assert attrs["N"] == sum(n for _, n in weights)
+        start = 0
+        for name, n_out in weights:
+            held.append(name)
+            codes = qgm.get_buffer(name).numpy().astype(np.int32)
+            scale = qgm.get_buffer(name.replace("weight_int", "weight_scale")).numpy()
+            k_in = codes.shape[1]
+            bits = 4 if int(codes.min()) >= -8 and int(codes.max()) <= 7 and attrs["bits"] == 4 else 8
+            assert (codes.shape[0], attrs["K"], attrs["bits"]) == (n_out, k_in, bits)
+            group = k_in // scale.shape[1] if scale.ndim == 2 else None
+            assert attrs["block_size"] == nbits_block_size(k_in, group)
+            packed = inits[node.input[1]][start:start + n_out]
+            if bits == 4:
+                unpacked = np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(n_out, k_in).astype(np.int32)
+            else:
+                unpacked = packed.reshape(n_out, k_in).astype(np.int32)
+            np.testing.assert_array_equal(unpacked, codes + 2 ** (bits - 1))
+            blocks = k_in // attrs["block_size"]
+            expected = np.repeat(scale[:, None], blocks, 1) if scale.ndim == 1 else scale
+            np.testing.assert_array_equal(inits[node.input[2]].reshape(attrs["N"], -1)[start:start + n_out], expected)
+            start += n_out
+    linears = [n.args[0].target for n in qgm.graph.nodes if n.target == torch.ops.llmq.dequantize_weight.default]
+    spec = dgm.meta["llmq_fx"]["decoder"]
+    gated = spec["model_type"] == "llama"  # gate/up read one input too
+    tables = [n.input[0] for n in model.graph.node if n.op_type == "GatherBlockQuantized"]
+    assert sorted(held + tables) == sorted(linears) and packs == spec["num_layers"] * (2 if gated else 1)  # q/k/v (+ gate/up)
 
 
 def test_genai_folder_generates_what_the_pytorch_graph_generates(quantized, tmp_path):

@@ -11,7 +11,9 @@ every size, before the ONNX optimizer runs. Two formats:
   one ``com.microsoft.MatMulNBits`` holding the same integer codes (shifted to unsigned, the op's
   default zero point ``2^(bits-1)`` undoing the shift) packed as the op expects, and the same scales
   (a per-output-channel scale repeated over the blocks of a row): onnxruntime stores and multiplies
-  the weights in 4 bits. Activations are fake-quantized with float ops (``translation``).
+  the weights in 4 bits. MatMulNBits reading one input (q/k/v, gate/up) are packed into one along
+  ``N`` and split after (``PACKED_META`` names the weights a packed node holds). Activations are
+  fake-quantized with float ops (``translation``).
 * ``qdq``: standard ops only (``QuantizeLinear``/``DequantizeLinear`` with INT4/UINT4 tensors), for
   tools that read no contrib ops.
 
@@ -50,7 +52,7 @@ from llmq_fx.errors import ExportError
 from llmq_fx.export.translation import FAST_TRANSLATION_TABLE, TRANSLATION_TABLE
 from llmq_fx.passes.insert_qdq import WEIGHT_META
 
-__all__ = ["to_onnx", "EXTERNAL_DATA_THRESHOLD_BYTES", "FORMATS", "nbits_block_size"]
+__all__ = ["to_onnx", "EXTERNAL_DATA_THRESHOLD_BYTES", "FORMATS", "PACKED_META", "nbits_block_size"]
 
 logger = logging.getLogger(__name__)
 
@@ -222,6 +224,8 @@ def _export_ir(gm: fx.GraphModule, opset: int, example_input_ids: torch.Tensor |
     if format == "fast":
         converted, kept = _to_matmul_nbits(program.model.graph, accuracy_level)
         logger.debug("MatMulNBits: %d weights, %d left as DequantizeLinear", converted, kept)
+        packed = _pack_siblings(program.model.graph)
+        logger.debug("MatMulNBits: %d groups of weights reading one input packed into one", packed)
     _resolve_kernel_inputs(program.model.graph)
     transposed = _fold_weight_transposes(program.model.graph)
     logger.debug("float weights stored transposed for MatMul: %d", transposed)
@@ -420,6 +424,66 @@ def _to_matmul_nbits(graph: ir.Graph, accuracy_level: int) -> tuple[int, int]:
     return converted, kept
 
 
+# On a MatMulNBits that packs several Linears: JSON ``[[integer weight name, N], ...]`` in output order.
+PACKED_META = "llmq.packed_weights"
+
+
+def _pack_siblings(graph: ir.Graph) -> int:
+    """MatMulNBits nodes that read the same input with the same ``K``, bits, block size and accuracy level
+    (q/k/v after their shared activation quantizer, gate/up) become one MatMulNBits over their codes,
+    scales and biases stacked along ``N``, and a ``Split`` back into the original outputs: one kernel call
+    and one pass over the input instead of several (onnxruntime-genai's builder packs the same way).
+    ``PACKED_META`` on the packed node names the integer weights it holds, in order. Returns the groups."""
+    groups: dict[int, list[ir.Node]] = {}
+    order = {id(n): i for i, n in enumerate(graph)}
+    for node in graph:
+        if node.op_type == "MatMulNBits" and node.domain == "com.microsoft" and node.inputs[0] is not None:
+            groups.setdefault(id(node.inputs[0]), []).append(node)
+    packed = 0
+    for nodes in groups.values():
+        nodes = [n for n in nodes if _packable(n)]
+        if len(nodes) < 2:
+            continue
+        attrs = [{k: v.value for k, v in n.attributes.items()} for n in nodes]
+        key = {(a["K"], a["bits"], a["block_size"], a.get("accuracy_level", 0)) for a in attrs}
+        biased = {len(n.inputs) > 5 and n.inputs[5] is not None for n in nodes}
+        if len(key) != 1 or len(biased) != 1:
+            continue
+        nodes.sort(key=lambda n: order[id(n)])
+        sizes = [a["N"] for a in attrs]
+        first = nodes[0].inputs[1].name
+        codes = np.concatenate([n.inputs[1].const_value.numpy() for n in nodes], axis=0)
+        scales = np.concatenate([n.inputs[2].const_value.numpy().reshape(a["N"], -1) for n, a in zip(nodes, attrs)], axis=0)
+        inputs = [nodes[0].inputs[0], _initializer(graph, first + ".packed", np.ascontiguousarray(codes)),
+                  _initializer(graph, first + ".packed_scale", np.ascontiguousarray(scales))]
+        if biased.pop():
+            bias = np.concatenate([n.inputs[5].const_value.numpy() for n in nodes])
+            inputs += [None, None, _initializer(graph, first + ".packed_bias", bias)]
+        fused = ir.node("MatMulNBits", inputs, attributes={**attrs[0], "N": sum(sizes)}, domain="com.microsoft",
+                        name=f"{first}.packed.MatMulNBits")
+        fused.metadata_props[PACKED_META] = json.dumps([[n.inputs[1].name, a["N"]] for n, a in zip(nodes, attrs)])
+        split = ir.node("Split", [fused.outputs[0], _initializer(graph, first + ".packed_split", np.array(sizes, np.int64))],
+                        attributes={"axis": -1}, num_outputs=len(nodes), name=f"{first}.packed.Split")
+        graph.insert_before(nodes[0], [fused, split])
+        for node, out in zip(nodes, split.outputs):
+            _take_over(node.outputs[0], out)
+            name = node.outputs[0].name
+            node.outputs[0].replace_all_uses_with(out, replace_graph_outputs=True)
+            graph.remove(node, safe=True)
+            out.name = name
+        packed += 1
+    if packed:
+        _remove_dead(graph)
+    return packed
+
+
+def _packable(node: ir.Node) -> bool:
+    """Codes and scales held as initializers, no zero points or group indices, a constant bias or none."""
+    ins = list(node.inputs) + [None] * (6 - len(node.inputs))
+    return (all(v is not None and v.const_value is not None for v in ins[1:3]) and ins[3] is None and ins[4] is None
+            and (ins[5] is None or ins[5].const_value is not None))
+
+
 def _block_scales(dq: ir.Node, k_in: int) -> tuple[np.ndarray, int] | None:
     """``(scales [rows, k_in / block], block)`` of a weight DequantizeLinear, per-row scales repeated, or None."""
     scale = dq.inputs[1].const_value.numpy() if dq.inputs[1].const_value is not None else None
@@ -571,11 +635,13 @@ def _check_quantized_weights(model: ir.Model, gm: fx.GraphModule) -> None:
     initializers = model.graph.initializers
     readers = {"DequantizeLinear": set(_TYPE_RANGES), "MatMulNBits": {ir.DataType.UINT8},
                "GatherBlockQuantized": {ir.DataType.INT4, ir.DataType.UINT8}}
+    packed = {name: n.inputs[1] for n in model.graph.all_nodes() if PACKED_META in n.metadata_props
+              for name, _ in json.loads(n.metadata_props[PACKED_META])}
     for node in gm.graph.nodes:
         if node.target is not torch.ops.llmq.dequantize_weight.default:
             continue
         name = node.args[0].target
-        value = initializers.get(name)
+        value = initializers.get(name, packed.get(name))
         uses = list(value.uses()) if value is not None else []
         ops = {use.node.op_type for use in uses}
         if value is None or len(ops) != 1 or value.dtype not in readers.get(next(iter(ops)), ()):

@@ -18,6 +18,8 @@ import numpy as np
 import onnx
 import torch
 
+from llmq_fx.export.onnx_export import PACKED_META
+
 __all__ = ["OnnxCausalLM", "onnx_qdq_report"]
 
 logger = logging.getLogger(__name__)
@@ -105,7 +107,8 @@ def onnx_qdq_report(path: str | os.PathLike) -> dict:
         ``weight_dequantize_linear``: DequantizeLinear nodes reading an initializer (weights);
         ``int4_weight_initializers``: INT4/UINT4 initializers read by DequantizeLinear, and 4-bit
         packed weights of ``com.microsoft.MatMulNBits``;
-        ``matmul_nbits``: MatMulNBits node count; ``matmul_nbits_bits``: bits -> count;
+        ``matmul_nbits``: MatMulNBits node count; ``matmul_nbits_bits``: bits -> weights they hold
+        (a node packing q/k/v counts three);
         ``op_types``: op type -> count over the whole graph;
         ``float_initializer_elements``: elements of float initializers (embeddings, norms, scales...);
         ``file_bytes``: the model file plus any external-data files it references.
@@ -141,9 +144,11 @@ def onnx_qdq_report(path: str | os.PathLike) -> dict:
     for node in graph.node:
         if node.op_type == "MatMulNBits":
             bits = next((a.i for a in node.attribute if a.name == "bits"), 4)
-            nbits[str(bits)] += 1
+            packed = next((json.loads(e.value) for e in node.metadata_props if e.key == PACKED_META), None)
+            weights = [name for name, _ in packed] if packed else [node.input[1]]
+            nbits[str(bits)] += len(weights)
             if bits == 4:
-                int4_weights.add(node.input[1])
+                int4_weights.update(weights)
         if node.op_type == "QuantizeLinear":
             q_types[_type_name(q_type(node))] += 1
         elif node.op_type == "DequantizeLinear":
