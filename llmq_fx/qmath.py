@@ -139,7 +139,11 @@ class HessianFactor:
             eye = torch.eye(self.lower.shape[0], dtype=self.lower.dtype, device=self.lower.device)
             inverse = torch.linalg.solve_triangular(self.lower, eye, upper=False)
             del eye
-            self._upper = inverse.to(torch.float32).flip(0, 1)
+            upper = inverse.to(torch.float32).flip(0, 1)
+            if not bool(torch.isfinite(upper).all()):
+                raise StatisticsError(f"GPTQ: the inverse factor of the Hessian (dampening {self.damp:g} x mean(diag H)) "
+                                      "overflows float32; calibrate on more tokens or raise 'gptq_damp'")
+            self._upper = upper
         return self._upper
 
 
@@ -422,8 +426,9 @@ def gptq_quantize_weight(
     * ``factor``: ``hessian_factor(hessian, damp, act_order)`` when the caller already has it (one per
       input site, shared by the Linears reading it); ``U`` is its ``gptq_upper()``.
 
-    All math is float32 on ``weight``'s device (CUDA when the model is on CUDA). On CUDA, with Triton
-    importable and static scales, each block's column loop runs as one kernel (``kernels.gptq_block``).
+    The damped Hessian's factor and its triangular inverse are float64 (``hessian_factor``), the rest is
+    float32, on ``weight``'s device (CUDA when the model is on CUDA). On CUDA, with Triton importable and
+    static scales, each block's column loop runs as one kernel (``kernels.gptq_block``).
 
     Returns:
         ``(qweight, scale)`` in ``quantize_weight``'s layout: int8 ``[out, in]`` codes, float32 scale

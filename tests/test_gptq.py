@@ -107,6 +107,30 @@ def test_codes_layout_and_dequantize_op(group_size):
     assert torch.equal(DEQ_W(q, scale, 3), qmath.dequantize_weight(q, scale))
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+def test_hessian_factor_against_explicit_inverse(act_order):
+    """One float64 Cholesky serves both uses: ``gptq_upper()`` is upper with ``U^T U`` the inverse of the damped
+    Hessian in visiting order, and ``solve`` is the damped system's solution, each against ``torch.linalg.inv``
+    / ``solve`` of the matrix built by hand (dead input set to 1, damping on the mean diagonal)."""
+    x = correlated_inputs()
+    x[:, 5] = 0
+    h = x.T @ x / len(x)
+    f = qmath.hessian_factor(h, 0.01, act_order)
+    ref = h.double().clone()
+    ref[5, 5] = 1.0
+    ref += 0.01 * ref.diagonal().mean() * torch.eye(32, dtype=torch.float64)
+    order = torch.argsort(ref.diagonal(), descending=True, stable=True) if act_order else torch.arange(32)
+    assert torch.equal(f.order, order)
+    u = f.gptq_upper()
+    assert u.dtype == torch.float32 and torch.equal(u, u.triu())
+    expected = torch.linalg.inv(ref[order][:, order])
+    torch.testing.assert_close(u.double().T @ u.double(), expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max()))
+    b = torch.randn(32, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(f.solve(b), torch.linalg.solve(ref, b), rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="act_order"):
+        qmath.gptq_quantize_weight(torch.randn(4, 32), h, 4, act_order=not act_order, factor=f)
+
+
 def test_rank_deficient_hessian_retries_damping(caplog):
     x = correlated_inputs(n_tokens=4)  # rank 4 of 32: singular without dampening
     w = torch.randn(8, 32, generator=torch.Generator().manual_seed(7))
