@@ -291,12 +291,12 @@ def run_lockstep(
         """At the first site, before anything is quantized: does the device hold the least the walk needs,
         the largest layer's weights plus every batch's states at a site in two lanes? One line if not."""
         checked.append(True)
+        layer, needed = _largest_layer(gm)
+        needed = needed if offloaded else 0  # a graph on the device holds its weights there already
         for k, on in enumerate(devices):
             free = _free_device_bytes(on)
             if free is None:
                 continue
-            layer, needed = _largest_layer(gm)
-            needed = needed if offloaded else 0  # a graph on the device holds its weights there already
             count = len(range(k, len(batches), len(devices)))  # the batches walked on this device
             states = 2 * per_batch * count
             if needed + states > free:

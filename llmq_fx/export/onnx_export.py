@@ -434,8 +434,7 @@ def _pack_siblings(graph: ir.Graph) -> int:
     scales and biases stacked along ``N``, and a ``Split`` back into the original outputs: one kernel call
     and one pass over the input instead of several (onnxruntime-genai's builder packs the same way).
     ``PACKED_META`` on the packed node names the integer weights it holds, in order. Returns the groups."""
-    groups: dict[int, list[ir.Node]] = {}
-    order = {id(n): i for i, n in enumerate(graph)}
+    groups: dict[int, list[ir.Node]] = {}  # input value -> its MatMulNBits readers, in graph order
     for node in graph:
         if node.op_type == "MatMulNBits" and node.domain == "com.microsoft" and node.inputs[0] is not None:
             groups.setdefault(id(node.inputs[0]), []).append(node)
@@ -449,7 +448,6 @@ def _pack_siblings(graph: ir.Graph) -> int:
         biased = {len(n.inputs) > 5 and n.inputs[5] is not None for n in nodes}
         if len(key) != 1 or len(biased) != 1:
             continue
-        nodes.sort(key=lambda n: order[id(n)])
         sizes = [a["N"] for a in attrs]
         first = nodes[0].inputs[1].name
         codes = np.concatenate([n.inputs[1].const_value.numpy() for n in nodes], axis=0)
