@@ -84,7 +84,12 @@ class QuantConfig:
             one scale per ``embed_group_size`` columns of a row (None: float). Exported as
             ``GatherBlockQuantized`` (``QuantizeEmbeddingsPass``).
         lm_head_bits / lm_head_group_size: the lm_head weight likewise (weight-only: its input stays
-            float), exported as ``MatMulNBits``. The lm_head stays in ``skip`` for activations.
+            float), exported as ``MatMulNBits``. The lm_head stays in ``skip`` for activations. When
+            both tables have the same scheme and the model ties them, the rotation keeps them tied
+            and one table is stored (``RotateOptions.keep_tied``).
+        lm_head_gptq: round the lm_head weight (and a table tied to it) with GPTQ on its input's
+            Hessian, from one more forward of the quantized graph over the calibration batches,
+            instead of to nearest.
         skip: module-path patterns (fnmatch) of Linears left entirely in float.
         seed / kmeans_n_init: k-means determinism.
         calib_batch_size: sequences per calibration forward.
@@ -133,6 +138,7 @@ class QuantConfig:
     embed_group_size: int | None = 32
     lm_head_bits: int | None = 8
     lm_head_group_size: int | None = 64
+    lm_head_gptq: bool = False
     skip: list[str] = field(default_factory=lambda: ["lm_head"])
     seed: int = 0
     kmeans_n_init: int = 4
@@ -186,7 +192,7 @@ class QuantConfig:
             raise ConfigError(f"config key 'a_clip_ratio' must be in (0, 1], got {c!r}")
         if not (isinstance(self.rotate, bool) or self.rotate == "auto"):
             raise ConfigError(f"config key 'rotate' must be true, false or \"auto\", got {self.rotate!r}")
-        for key in ("a_symmetric", "a_dynamic", "gptq", "gptq_act_order", "w_clip", "gptq_sequential"):
+        for key in ("a_symmetric", "a_dynamic", "gptq", "gptq_act_order", "w_clip", "gptq_sequential", "lm_head_gptq"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"config key {key!r} must be true or false, got {getattr(self, key)!r}")
         aa = self.gptq_act_aware

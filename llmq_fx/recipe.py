@@ -94,8 +94,16 @@ class Recipe(list):
             parts.append(text)
         embeddings = next((p for p in self if isinstance(p, QuantizeEmbeddingsPass)), None)
         if embeddings is not None:
-            parts += [f"{kind} {spec}" for kind, spec in (("embedding", embeddings.options.embedding),
-                                                          ("lm_head", embeddings.options.lm_head)) if spec is not None]
+            opts = embeddings.options
+            rotate = next((p for p in self if isinstance(p, RotatePass)), None)
+            tied = opts.embedding is not None and opts.embedding == opts.lm_head
+            gptq_head = " by GPTQ" if opts.lm_head_gptq else ""
+            if tied:
+                kept = " (one table where the model ties them)" if rotate is None or rotate.options.keep_tied else ""
+                parts.append(f"embedding and lm_head {opts.embedding}{gptq_head}{kept}")
+            else:
+                parts += [f"{kind} {spec}{gptq_head if kind == 'lm_head' else ''}" for kind, spec in
+                          (("embedding", opts.embedding), ("lm_head", opts.lm_head)) if spec is not None]
         smooth = next((p for p in self if isinstance(p, SmoothPass)), None)
         if smooth is not None:
             parts.append(f"SmoothQuant alpha {smooth.options.alpha:g} at {list(smooth.options.sites)}")

@@ -123,6 +123,40 @@ def test_rotation_moves_weights_and_unties(opt_gm):
     assert torch.equal(sd["model.decoder.layers.0.self_attn_layer_norm.weight"], torch.ones(32))
 
 
+def test_kept_tie_shares_the_table_and_moves_the_norm_into_a_matmul(llama_gm, eval_ids):
+    """keep_tied: the lm_head reads the rotated embedding table itself, and the final norm's weight g sits in
+    a d x d matmul in front of it, M = Q^T diag(g) Q: symmetric, with g as its eigenvalues."""
+    final_g = next(t for name, t in llama_gm.named_parameters() if name.endswith("model.norm.weight")).detach().clone()
+    kept = copy.deepcopy(llama_gm)
+    RotatePass(seed=3, keep_tied=True)(kept)
+    for ids in (eval_ids, eval_ids[:1, :7]):
+        ref, out = _logits(llama_gm, ids), _logits(kept, ids)
+        torch.testing.assert_close(out, ref, atol=2e-5 * ref.abs().max().item(), rtol=1e-4)
+    assert kept.meta["llmq_fx"]["rotation"]["residual"]["kept_tied"] == ["lm_head"]
+    lm = [n for n in kept.graph.nodes if n.target == torch.ops.aten.linear.default][-1]
+    emb = next(n for n in kept.graph.nodes if n.target == torch.ops.aten.embedding.default)
+    assert lm.args[1].target == emb.args[0].target
+    assert lm.args[0].target == torch.ops.aten.matmul.default
+    m = kept.get_parameter(lm.args[0].args[1].target).double()
+    torch.testing.assert_close(m, m.T, atol=1e-6, rtol=0)
+    torch.testing.assert_close(torch.linalg.eigvalsh(m), final_g.double().sort().values, atol=1e-5, rtol=1e-5)
+    untied = copy.deepcopy(llama_gm)
+    RotatePass(seed=3)(untied)
+    n_params = lambda g: sum(p.numel() for p in g.parameters())  # noqa: E731
+    d, vocab = m.shape[0], kept.get_parameter(lm.args[1].target).shape[0]
+    assert n_params(untied) - n_params(kept) == vocab * d - d * d  # one table fewer, one d x d matrix more
+
+
+def test_a_layer_norm_model_is_untied_even_with_keep_tied(opt_gm):
+    """OPT's LayerNorm: the table is centred and the norm has a bias, which one shared table cannot hold."""
+    rotated = copy.deepcopy(opt_gm)
+    RotatePass(keep_tied=True)(rotated)
+    assert rotated.meta["llmq_fx"]["rotation"]["residual"]["kept_tied"] == []
+    lm = [n for n in rotated.graph.nodes if n.target == torch.ops.aten.linear.default][-1]
+    emb = next(n for n in rotated.graph.nodes if n.target == torch.ops.aten.embedding.default)
+    assert lm.args[1].target != emb.args[0].target
+
+
 def test_online_rotation_nodes_keep_fc2_role(llama_gm):
     rotated = copy.deepcopy(llama_gm)
     RotatePass()(rotated)

@@ -24,7 +24,19 @@ def _llama():
     return LlamaForCausalLM(config).eval()
 
 
-MODELS = {"opt": lambda: make_opt(), "llama": _llama}
+def _llama_tied():
+    """Tied embedding and lm_head: the rotation keeps the tie (FLOAT_ONLY quantizes neither table), so the
+    final norm's d x d matmul is in the residual basis too, on both axes."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.model.norm.weight.copy_(torch.exp(torch.randn(64, generator=torch.Generator().manual_seed(1)) * 0.5))
+    return model
+
+
+MODELS = {"opt": lambda: make_opt(), "llama": _llama, "llama-tied": _llama_tied}
 IDS = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(1))
 
 

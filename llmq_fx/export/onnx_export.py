@@ -232,6 +232,7 @@ def _export_ir(gm: fx.GraphModule, opset: int, example_input_ids: torch.Tensor |
     # Folds constants up to 64k elements: tables the graph computes from its parameters (RoPE's
     # cos/sin of every position, 2 MiB for SmolLM2) stay computed, and onnxruntime folds them at load.
     model = onnxscript.optimizer.optimize(program.model, output_size_limit=_FOLD_LIMIT)
+    _view_tied_tables(model.graph)
     for node in model.graph.all_nodes():
         # The exporter's per-node records (stack traces, class hierarchies, fx node text, name scopes):
         # local paths, and 3 MiB of SmolLM2's file.
@@ -325,17 +326,20 @@ def nbits_block_size(in_features: int, group_size: int | None) -> int | None:
     return next((b for b in _NBITS_BLOCKS if in_features % b == 0), None)
 
 
-def _weight_consumer(dq: ir.Node) -> tuple[ir.Value, ir.Node, list[ir.Node], ir.Value | None] | None:
+def _weight_consumer(dq: ir.Node, use=None) -> tuple[ir.Value, ir.Node, list[ir.Node], ir.Value | None] | None:
     """The matmul reading a dequantized weight ``[N, K]`` as ``x @ W^T``: ``(x, node whose output the
     MatMulNBits replaces, nodes it replaces, bias initializer or None)``, or None for any other reader.
+    ``use``: which use of the weight to look at (a table read by a Gather too); by default its only one.
 
     Two forms come out of the exporter: ``Transpose -> MatMul (-> Add bias)`` for inputs of any rank,
     and ``Gemm(x, W, bias, transB=1)`` for 2-D inputs (OPT flattens the MLP's tokens).
     """
-    uses = list(dq.outputs[0].uses())
-    if len(uses) != 1:
-        return None
-    reader, idx = uses[0].node, uses[0].idx
+    if use is None:
+        uses = list(dq.outputs[0].uses())
+        if len(uses) != 1:
+            return None
+        use = uses[0]
+    reader, idx = use.node, use.idx
     n_out = dq.inputs[0].shape[0]
 
     def bias_of(value):
@@ -378,7 +382,10 @@ def _to_matmul_nbits(graph: ir.Graph, accuracy_level: int) -> tuple[int, int]:
         w = dq.inputs[0]
         if w is None or not w.is_initializer() or w.const_value is None or w.dtype not in (ir.DataType.INT4, ir.DataType.INT8):
             continue
-        found = _weight_consumer(dq)
+        uses = list(dq.outputs[0].uses())
+        gathers = [u for u in uses if _is_row_gather(u)]
+        found = _weight_consumer(dq, uses[0]) if len(uses) == 1 else (
+            _weight_consumer(dq, next(u for u in uses if u not in gathers)) if len(uses) == 2 and len(gathers) == 1 else None)
         if found is None:
             if _to_gather_block_quantized(graph, dq):
                 converted += 1
@@ -407,9 +414,12 @@ def _to_matmul_nbits(graph: ir.Graph, accuracy_level: int) -> tuple[int, int]:
         _take_over(last.outputs[0], node.outputs[0])
         name = last.outputs[0].name
         last.outputs[0].replace_all_uses_with(node.outputs[0], replace_graph_outputs=True)
-        for dead in replaced + [dq]:
+        for dead in replaced:
             graph.remove(dead, safe=True)
         node.outputs[0].name = name
+        if gathers:  # a tied table: the embedding reads the lm_head's packed codes and scales
+            _shared_gather(graph, gathers[0].node, b_value, s_value, n_out, k_in, bits, block)
+        graph.remove(dq, safe=True)
         converted += 1
     if converted:
         if "com.microsoft" not in graph.opset_imports:
@@ -527,6 +537,53 @@ def _resolve_kernel_inputs(graph: ir.Graph) -> None:
         node.metadata_props.pop(KERNEL_INPUT_START_META, None)
 
 
+def _is_row_gather(use) -> bool:
+    """A ``Gather(axis 0)`` reading the value as its table (an embedding lookup)."""
+    attrs = {a.name: a.value for a in use.node.attributes.values()}
+    return use.node.op_type == "Gather" and use.idx == 0 and attrs.get("axis", 0) == 0
+
+
+def _shared_gather(graph: ir.Graph, gather: ir.Node, b_value: ir.Value, s_value: ir.Value, rows: int, k_in: int,
+                   bits: int, block: int) -> None:
+    """Replace an embedding ``Gather`` of a tied table by ``GatherBlockQuantized`` over the MatMulNBits'
+    own codes (``[N, blocks, blob]`` viewed as ``[N, K * bits / 8]`` uint8, as onnxruntime-genai's builder
+    shares them) and scales: one copy of the table in the file. With uint8 data and no zero points both
+    ops take ``2^(bits-1)`` as the zero point, so they read the same values. The view is put in after the
+    ONNX optimizer (``_view_tied_tables``), which would fold it into a second copy of a small table."""
+    node = ir.node(
+        "GatherBlockQuantized", [b_value, gather.inputs[1], s_value],
+        attributes={"gather_axis": 0, "quantize_axis": 1, "block_size": block, "bits": bits},
+        domain="com.microsoft", name=f"{b_value.name}.GatherBlockQuantized",
+    )
+    node.metadata_props[TIED_VIEW_META] = json.dumps([rows, k_in * bits // 8])
+    graph.insert_before(gather, node)
+    _take_over(gather.outputs[0], node.outputs[0])
+    name = gather.outputs[0].name
+    gather.outputs[0].replace_all_uses_with(node.outputs[0], replace_graph_outputs=True)
+    graph.remove(gather, safe=True)
+    node.outputs[0].name = name
+
+
+# On a GatherBlockQuantized reading a MatMulNBits' packed codes: the ``[rows, bytes per row]`` view it needs.
+TIED_VIEW_META = "llmq.tied_table_view"
+
+
+def _view_tied_tables(graph: ir.Graph) -> int:
+    """Give each GatherBlockQuantized of a tied table (``_shared_gather``) its ``Reshape`` view of the codes."""
+    count = 0
+    for node in list(graph):
+        view = node.metadata_props.pop(TIED_VIEW_META, None)
+        if view is None:
+            continue
+        codes = node.inputs[0]
+        shape = _initializer(graph, codes.name + ".rows_shape", np.array(json.loads(view), dtype=np.int64))
+        reshape = ir.node("Reshape", [codes, shape], name=f"{codes.name}.Reshape")
+        graph.insert_before(node, reshape)
+        node.replace_input_with(0, reshape.outputs[0])
+        count += 1
+    return count
+
+
 def _to_gather_block_quantized(graph: ir.Graph, dq: ir.Node) -> bool:
     """Rewrite ``DequantizeLinear(int table) -> Gather(axis 0)`` (a quantized embedding) into
     ``com.microsoft.GatherBlockQuantized``: INT4 codes as they are (its default zero point is 0 for
@@ -633,6 +690,16 @@ def _check_quantized_weights(model: ir.Model, gm: fx.GraphModule) -> None:
     initializers = model.graph.initializers
     readers = {"DequantizeLinear": set(_TYPE_RANGES), "MatMulNBits": {ir.DataType.UINT8},
                "GatherBlockQuantized": {ir.DataType.INT4, ir.DataType.UINT8}}
+
+    def reader_ops(value: ir.Value) -> set[str]:  # a tied table: MatMulNBits and the Reshape GatherBlockQuantized reads
+        ops = set()
+        for use in value.uses():
+            if use.node.op_type == "Reshape" and use.idx == 0 and {u.node.op_type for u in use.node.outputs[0].uses()} == {
+                    "GatherBlockQuantized"}:
+                continue
+            ops.add(use.node.op_type)
+        return ops
+
     packed = {name: n.inputs[1] for n in model.graph.all_nodes() if PACKED_META in n.metadata_props
               for name, _ in json.loads(n.metadata_props[PACKED_META])}
     for node in gm.graph.nodes:
@@ -640,8 +707,7 @@ def _check_quantized_weights(model: ir.Model, gm: fx.GraphModule) -> None:
             continue
         name = node.args[0].target
         value = initializers.get(name, packed.get(name))
-        uses = list(value.uses()) if value is not None else []
-        ops = {use.node.op_type for use in uses}
+        ops = reader_ops(value) if value is not None else set()
         if value is None or len(ops) != 1 or value.dtype not in readers.get(next(iter(ops)), ()):
             raise ExportError(
                 f"weight {name} (node {node.name}) is not an integer initializer read by DequantizeLinear or "

@@ -349,8 +349,16 @@ def delete_replaced_weights(gm: fx.GraphModule) -> None:
     does not carry both copies."""
     used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     replaced = {n.meta.get(WEIGHT_META, {}).get("replaces") for n in gm.graph.nodes if is_integer_weight(n)}
+    dropped = []
     for target in sorted(t for t in replaced if t and t not in used):
         owner, _, leaf = target.rpartition(".")
         module = gm.get_submodule(owner) if owner else gm
         if hasattr(module, leaf):
+            dropped.append(getattr(module, leaf))
             delattr(module, leaf)
+    # Other names of a dropped tensor (a tied table's second name) that no node reads go with it.
+    named = list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
+    for name, t in named:
+        if name not in used and any(t is d for d in dropped):
+            owner, _, leaf = name.rpartition(".")
+            delattr(gm.get_submodule(owner) if owner else gm, leaf)

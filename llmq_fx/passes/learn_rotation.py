@@ -106,6 +106,7 @@ class LearnRotationPass(CalibratedPass):
         device = compute_device(gm)
         last = [t for t, axis in tensors if axis == -1 and attr(gm, t).dim() == 2]  # 1-D: unit norm weights
         first = [t for t, axis in tensors if axis == 0]
+        both = [t for t, axis in tensors if axis is None]  # d x d maps from the stream to itself: R^T M R
         dim = attr(gm, last[0]).shape[-1]
         holder = torch.nn.Linear(dim, dim, bias=False, device=device)
         torch.nn.utils.parametrizations.orthogonal(holder, orthogonal_map="cayley")
@@ -120,6 +121,7 @@ class LearnRotationPass(CalibratedPass):
             r = holder.weight
             forward.replaced = {t: attr(gm, t).to(device) @ r for t in last}
             forward.replaced.update({t: _rows(r, attr(gm, t).to(device)) for t in first})
+            forward.replaced.update({t: r.T @ attr(gm, t).to(device) @ r for t in both})
             ids = windows.next().to(device)
             with torch.no_grad():
                 target = F.log_softmax(gm(ids).float(), dim=-1)  # the float model: the same for any R
@@ -136,6 +138,8 @@ class LearnRotationPass(CalibratedPass):
                 write_attr(gm, t, attr(gm, t).to(device, torch.float64) @ r)
             for t in first:
                 write_attr(gm, t, _rows(r, attr(gm, t).to(device, torch.float64)))
+            for t in both:
+                write_attr(gm, t, r.T @ attr(gm, t).to(device, torch.float64) @ r)
             drift = float((r - torch.eye(dim, dtype=r.dtype, device=r.device)).norm() / dim**0.5)
         meta["learned_rotation"] = {
             "learned": True, "dim": dim, "steps": self.options.steps, "tokens_per_step": self.options.batch_size * windows.len,

@@ -19,6 +19,9 @@ quantized to int8 per group, what onnxruntime's fast 8-bit kernel does to it (``
 
 Why: after rotation the embedding and the lm_head are two float tables of ``vocab x hidden`` (the
 rotation unties them), which are most of a small model's file (SmolLM2-135M: 2 x 108 MiB of 273).
+A table the model ties to its lm_head and the rotation left tied (``RotateOptions.keep_tied``, set
+when both are quantized alike) is quantized once and read by both, as onnxruntime-genai's builder
+shares one int4 table between ``GatherBlockQuantized`` and ``MatMulNBits``.
 """
 
 from __future__ import annotations
@@ -33,8 +36,8 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from llmq_fx import ops  # noqa: F401  (registers torch.ops.llmq)
 from llmq_fx import qmath
-from llmq_fx.graph import VIEW_OPS, is_linear, module_path, read_attr
-from llmq_fx.passes.base import LlmqPass
+from llmq_fx.graph import VIEW_OPS, attr, compute_device, is_linear, module_path, read_attr
+from llmq_fx.passes.base import CalibratedPass
 from llmq_fx.passes.insert_qdq import delete_replaced_weights, insert_weight_dequant, is_integer_weight
 from llmq_fx.spec import ActivationSpec, WeightSpec
 
@@ -50,10 +53,13 @@ _TO_OUTPUT = VIEW_OPS | {aten.to.dtype, aten._to_copy.default, aten.tanh.default
 @dataclass(frozen=True)
 class EmbeddingsOptions:
     """Options of ``QuantizeEmbeddingsPass``: the scheme of the token embedding and of the lm_head
-    weight (None leaves it float)."""
+    weight (None leaves it float); ``lm_head_gptq``: round the lm_head (and a table tied to it) with
+    GPTQ on its input's Hessian over the calibration batches (``damp``) instead of to nearest."""
 
     embedding: WeightSpec | None = None
     lm_head: WeightSpec | None = None
+    lm_head_gptq: bool = False
+    damp: float = 0.01
 
 
 def _int8_kernel_input(gm: fx.GraphModule, head: fx.Node, group: int | None) -> ActivationSpec:
@@ -74,6 +80,11 @@ def _int8_kernel_input(gm: fx.GraphModule, head: fx.Node, group: int | None) -> 
             qdq.meta[key] = x.meta[key]
     head.replace_input_with(x, qdq)
     return spec
+
+
+def _storage(t: torch.Tensor):
+    """What two names of one tied table share: the tensor (meta, no storage) or its storage and shape."""
+    return id(t) if t.device.type == "meta" else (t.data_ptr(), tuple(t.shape))
 
 
 def _group_for(columns: int, group_size: int | None) -> int | None:
@@ -120,7 +131,7 @@ def output_projection(gm: fx.GraphModule) -> fx.Node | None:
     return node
 
 
-class QuantizeEmbeddingsPass(LlmqPass):
+class QuantizeEmbeddingsPass(CalibratedPass):
     """Quantize the token embedding table and/or the lm_head weight (weight-only)."""
 
     Options = EmbeddingsOptions
@@ -132,21 +143,29 @@ class QuantizeEmbeddingsPass(LlmqPass):
         head = WeightSpec(config.lm_head_bits, config.lm_head_group_size, clip=True) if config.lm_head_bits else None
         if embed is None and head is None:
             return None
-        return cls(EmbeddingsOptions(embed, head))
+        return cls(EmbeddingsOptions(embed, head, lm_head_gptq=bool(config.lm_head_gptq and head), damp=config.gptq_damp))
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         record = gm.meta.setdefault("llmq_fx", {}).setdefault("embeddings", {})
         opts = self.options
         modified = False
+        head = output_projection(gm) if opts.lm_head is not None else None
+        hessian = None  # of the lm_head's input, for GPTQ; keyed by the storage of the weight it rounds
+        if opts.lm_head_gptq and head is not None and not is_integer_weight(head.args[1]):
+            hessian = (_storage(attr(gm, head.args[1].target)), self._input_hessian(gm, head))
+        tables = {}  # storage of each quantized token table -> its dequantize node and path
         if opts.embedding is not None:
             nodes = token_embeddings(gm)
             if not nodes:
                 logger.warning("embed_bits: no token embedding found in the graph; left as it is")
             for node in nodes:
-                record[module_path(node)] = self._quantize(gm, node, 0, opts.embedding, "embedding")
+                table = _storage(attr(gm, node.args[0].target))
+                # A table tied to the lm_head and rounded for it: GPTQ on the lm_head's input, if asked.
+                h = hessian[1] if hessian is not None and hessian[0] == table and opts.embedding == opts.lm_head else None
+                record[module_path(node)] = self._quantize(gm, node, 0, opts.embedding, "embedding", h)
+                tables[table] = (node.args[0], module_path(node))
                 modified = True
         if opts.lm_head is not None:
-            head = output_projection(gm)
             if head is None:
                 logger.warning("lm_head_bits: no Linear produces the logits; left as it is")
             elif is_integer_weight(head.args[1]):
@@ -155,7 +174,15 @@ class QuantizeEmbeddingsPass(LlmqPass):
                                opts.lm_head.bits, module_path(head))
             else:
                 path = module_path(head)
-                record[path] = self._quantize(gm, head, 1, opts.lm_head, "lm_head")
+                w = head.args[1]
+                shared = tables.get(_storage(attr(gm, w.target))) if w.op == "get_attr" else None
+                if shared is not None and opts.lm_head == opts.embedding:
+                    # Tied and quantized alike: the lm_head reads the embedding's codes (one table in the file).
+                    deq, emb_path = shared
+                    head.replace_input_with(w, deq)
+                    record[path] = {**record[emb_path], "kind": "lm_head", "tied_to": emb_path}
+                else:
+                    record[path] = self._quantize(gm, head, 1, opts.lm_head, "lm_head", hessian and hessian[1])
                 a_bits = None
                 if opts.lm_head.bits == 8:
                     record[path]["input"] = str(_int8_kernel_input(gm, head, record[path]["group_size"]))
@@ -171,13 +198,41 @@ class QuantizeEmbeddingsPass(LlmqPass):
         return PassResult(gm, modified)
 
     @torch.no_grad()
-    def _quantize(self, gm: fx.GraphModule, node: fx.Node, index: int, spec: WeightSpec, kind: str) -> dict:
+    def _input_hessian(self, gm: fx.GraphModule, head: fx.Node) -> torch.Tensor:
+        """``X^T X / tokens`` (float64) of the lm_head's input over the calibration batches, on the graph as
+        quantized so far (GPTQ's sequential order: the head is rounded for the inputs it will get)."""
+        x_node = head.args[0]
+        acc = {"h": None, "n": 0}
+
+        class Recorder(fx.Interpreter):
+            def run_node(self, n):
+                out = super().run_node(n)
+                if n is x_node:
+                    z = out.detach().reshape(-1, out.shape[-1]).to(torch.float64)
+                    acc["h"] = z.T @ z if acc["h"] is None else acc["h"] + z.T @ z
+                    acc["n"] += z.shape[0]
+                return out
+
+        device = compute_device(gm)
+        for batch in self._require_batches():
+            Recorder(gm).run(batch.to(device))
+        return acc["h"] / max(acc["n"], 1)
+
+    @torch.no_grad()
+    def _quantize(self, gm: fx.GraphModule, node: fx.Node, index: int, spec: WeightSpec, kind: str,
+                  hessian: torch.Tensor | None = None) -> dict:
         w_node = node.args[index]
         path = module_path(node)
         weight = read_attr(gm, w_node.target)  # the clip search runs where the passes compute
         spec = dataclasses.replace(spec, group_size=_group_for(weight.shape[1], spec.group_size))
-        qweight, scale = spec.quantize(weight)
+        if hessian is not None:
+            qweight, scale = qmath.gptq_quantize_weight(weight.float(), hessian.to(weight.device, torch.float32),
+                                                        spec.bits, spec.group_size, act_order=True,
+                                                        damp=self.options.damp, clip=spec.clip)
+        else:
+            qweight, scale = spec.quantize(weight)
         deq = insert_weight_dequant(gm, node, path, qweight, scale, spec.bits, index=index)
         err = (qmath.dequantize_weight(qweight, scale) - weight).square().sum() / weight.square().sum()
-        return {"kind": kind, "bits": spec.bits, "group_size": spec.group_size, "shape": list(weight.shape),
+        return {"kind": kind, "bits": spec.bits, "group_size": spec.group_size, "gptq": hessian is not None,
+                "shape": list(weight.shape),
                 "relative_error": float(err), "node": deq.name}

@@ -34,7 +34,12 @@ Rewrite, in float64 then cast back:
    each channel is spread evenly over all of them; only where no Paley order fits is ``F`` a seeded
    random orthogonal ``R_m``, which mixes less evenly. Writers ``W <- Q^T W``,
    ``b <- Q^T b``, embeddings ``E <- E Q``; readers ``W_r <- W_r Q``. Tied weights (embedding and
-   lm_head) are untied first, since they now differ.
+   lm_head) are untied first, since they now differ, unless ``keep_tied``: then the lm_head reads the
+   rotated table ``E Q`` itself, and the norm's weight, which step 2 would fold into it, goes into a
+   float ``d x d`` matmul in front of it instead: ``n' M (E Q)^T = n diag(g) E^T`` with
+   ``M = Q^T diag(g) Q`` and ``n' = n Q`` the rotated normalized residual. One table serves both ends
+   (the builder's shared int4 embedding), for ``d^2`` more multiply-adds per token against ``d x vocab``.
+   RMS norms only: a LayerNorm's bias and the centred table (step 1) do not fit one shared table.
 4. *Value heads.* Per attention head, ``H_hd`` rotates V: v_proj output rows of each head block
    ``W_v <- H^T W_v`` (bias alike) and out_proj columns of each head block ``W_o <- W_o H``; the
    attention output of a head is a convex combination of that head's V rows, so it is rotated
@@ -219,6 +224,9 @@ class RotateOptions:
             the pass leaves the graph untouched, logs a warning and records why in
             ``gm.meta["llmq_fx"]["rotation_skipped"]``.
         residual, heads, online: which of the rotations (module docstring: 1-3, 4, 5) to apply.
+        keep_tied: keep an lm_head tied to the token embedding tied, with its norm's weight in a float
+            matmul in front of it (module docstring, 3); set when both tables are quantized alike, so the
+            exported model stores one table.
     """
 
     seed: int = 0
@@ -226,6 +234,7 @@ class RotateOptions:
     residual: bool = True
     heads: bool = True
     online: bool = True
+    keep_tied: bool = False
 
 
 @dataclass
@@ -254,7 +263,9 @@ class RotatePass(LlmqPass):
     def from_config(cls, config) -> "RotatePass | None":
         if not config.rotate:
             return None
-        return cls(RotateOptions(seed=config.seed, required=config.rotate is True))
+        tied = (config.embed_bits, config.embed_group_size if config.embed_bits else None) == (
+            config.lm_head_bits, config.lm_head_group_size if config.lm_head_bits else None)
+        return cls(RotateOptions(seed=config.seed, required=config.rotate is True, keep_tied=tied))
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         opts = self.options
@@ -298,10 +309,14 @@ class RotatePass(LlmqPass):
         # Where the residual basis now lives (SortResidualPass permutes it): last-axis tensors
         # (embedding tables, readers' weights, norm weights, the online rotation) and first-axis ones
         # (writers' weights and biases).
-        basis = {"last_axis": [], "first_axis": []}
+        basis = {"last_axis": [], "first_axis": [], "both_axes": []}
+        tied = _tied_heads(gm, writers, readers) if self.options.keep_tied and not center else {}
         for w in writers:
             if w.target == aten.embedding.default:
-                target = _own_param(gm, w, w.args[0], _embedding_path(w))
+                if any(emb is w for emb in tied.values()):
+                    target = w.args[0].target  # shared with the lm_head it stays tied to
+                else:
+                    target = _own_param(gm, w, w.args[0], _embedding_path(w))
                 e = _read(gm, target)
                 if center:
                     e = e - e.mean(dim=1, keepdim=True)
@@ -322,8 +337,12 @@ class RotatePass(LlmqPass):
                         b = b - b.mean()
                     write_attr(gm, bt, q.T @ b)
                     basis["first_axis"].append(bt)
+        kept_tied = []
         for lin, na in readers:
             path = module_path(lin)
+            if lin in tied:
+                kept_tied.append(self._norm_matmul(gm, lin, na, q, basis, tied[lin]))
+                continue
             wt = _own_param(gm, lin, lin.args[1], f"{path}.weight")
             wm = _read(gm, wt)
             g = _read(gm, na.weight.target) + na.offset
@@ -370,8 +389,33 @@ class RotatePass(LlmqPass):
                 online.append(na.node.meta.get("nn_module_stack") and module_path(na.node) or na.node.name)
         gm.meta.setdefault("llmq_fx", {})["residual_basis"] = {k: list(dict.fromkeys(v)) for k, v in basis.items()}
         return {"dim": d, "norm": kind, "centered": center, "full_hadamard": full_hadamard,
-                "writers": len(writers), "readers": len(readers), "online_after_norms": online,
+                "writers": len(writers), "readers": len(readers), "online_after_norms": online, "kept_tied": kept_tied,
                 "norms_left_alone": [module_path(na.node) or na.node.name for na in plan.head_norms]}
+
+    def _norm_matmul(self, gm: fx.GraphModule, lin: fx.Node, na, q: torch.Tensor, basis: dict, emb: fx.Node) -> str:
+        """Make the tied reader ``lin`` read ``norm(x) @ M`` (``M = Q^T diag(g) Q``, float, off the quantized
+        Linears); its weight is the embedding table, rotated as a writer. Returns its module path."""
+        path = module_path(lin)
+        g = _read(gm, na.weight.target) + na.offset
+        m = q.T @ (g[:, None] * q)
+        target = "llmq_norm_affine_" + path.replace(".", "_")
+        home = attr(gm, na.weight.target)
+        set_attr(gm, target, m.to(device=home.device, dtype=traced_dtype(na.weight) or home.dtype).contiguous(), buffer=False)
+        basis["both_axes"].append(target)
+        x = lin.args[0]
+        with gm.graph.inserting_before(lin):
+            m_node = gm.graph.get_attr(target)
+            affine = gm.graph.call_function(aten.matmul.default, (x, m_node))
+        if "val" in x.meta:
+            affine.meta["val"] = x.meta["val"]
+        affine.meta["nn_module_stack"] = lin.meta.get("nn_module_stack", {})
+        lin.replace_input_with(x, affine)
+        if lin.args[1].target != emb.args[0].target:  # two names for one table: read the one rotated
+            with gm.graph.inserting_before(lin):
+                table = gm.graph.get_attr(emb.args[0].target)
+            table.meta.update({k: v for k, v in lin.args[1].meta.items() if k == "val"})
+            lin.replace_input_with(lin.args[1], table)
+        return path
 
     # -- 4: value heads -------------------------------------------------------------------------
     @torch.no_grad()
@@ -592,14 +636,15 @@ def _check_param(user: fx.Node, node) -> None:
 # -- helpers ------------------------------------------------------------------------------------
 def residual_basis(gm: fx.GraphModule) -> list[tuple[str, int]] | None:
     """The tensors ``RotatePass`` recorded as the residual basis, as ``(target, axis)`` (-1: the stream is
-    their last axis, 0: their first), each tensor once even when two names hold it; None when the graph
+    their last axis, 0: their first, None: both, a ``d x d`` map from the stream to itself), each tensor
+    once even when two names hold it; None when the graph
     has no rotated residual stream. ``SortResidualPass`` and ``LearnRotationPass`` transform exactly these."""
     basis = gm.meta.get("llmq_fx", {}).get("residual_basis")
     if not basis or not basis.get("readers"):
         return None
     seen, out = set(), []
-    for axis, key in ((-1, "last_axis"), (0, "first_axis")):
-        for target in basis[key]:
+    for axis, key in ((-1, "last_axis"), (0, "first_axis"), (None, "both_axes")):
+        for target in basis.get(key, []):
             if id(attr(gm, target)) not in seen:
                 seen.add(id(attr(gm, target)))
                 out.append((target, axis))
@@ -632,6 +677,32 @@ def _own_param(gm: fx.GraphModule, user: fx.Node, w_node: fx.Node, preferred: st
     user.replace_input_with(w_node, node)
     logger.info("rotation: untied %s -> %s for %s", w_node.target, target, user.name)
     return target
+
+
+def _tied_heads(gm: fx.GraphModule, writers: list[fx.Node], readers) -> dict[fx.Node, fx.Node]:
+    """``{reader: embedding}`` for readers whose weight is a token embedding's table (tied), where that
+    table has no other user and the reader no bias."""
+    def key(t: torch.Tensor):  # tied: one tensor, or two names sharing storage (meta tensors have none)
+        return id(t) if t.device.type == "meta" else (t.data_ptr(), tuple(t.shape))
+
+    tables = {}
+    for w in writers:
+        if w.target == aten.embedding.default and isinstance(w.args[0], fx.Node) and w.args[0].op == "get_attr":
+            tables[key(attr(gm, w.args[0].target))] = w
+    out = {}
+    for lin, _ in readers:
+        wn = lin.args[1]
+        emb = tables.get(key(attr(gm, wn.target))) if isinstance(wn, fx.Node) and wn.op == "get_attr" else None
+        if emb is None or (len(lin.args) > 2 and lin.args[2] is not None):
+            continue
+        table = key(attr(gm, wn.target))
+        names = {name for name, t in list(gm.named_parameters(remove_duplicate=False))
+                 + list(gm.named_buffers(remove_duplicate=False)) if key(t) == table}
+        users = {u for n in gm.graph.nodes if n.op == "get_attr" and (n.target in names or n in (wn, emb.args[0]))
+                 for u in n.users}
+        if users <= {lin, emb}:
+            out[lin] = emb
+    return out
 
 
 def _embedding_path(node: fx.Node) -> str:

@@ -64,7 +64,9 @@ class SortResidualPass(CalibratedPass):
         with torch.no_grad():
             for target, axis in tensors:  # each tensor once, also behind two names (tied weights)
                 t = attr(gm, target)
-                write_attr(gm, target, t.index_select(axis % t.dim(), perm.to(t.device)))
+                for a in (0, 1) if axis is None else (axis % t.dim(),):  # None: a map from the stream to itself
+                    t = t.index_select(a, perm.to(t.device))
+                write_attr(gm, target, t)
         meta["residual_sort"] = {"sorted": True, "channels": int(perm.numel()), "sites": len(readers),
                                  "range_min": float(score.min()), "range_max": float(score.max())}
         gm.recompile()
