@@ -19,7 +19,11 @@ For each model, one onnxruntime-genai folder per row, each built in this run:
 * ``ours-w4a4-acc0``: the same quantized graph exported with MatMulNBits ``accuracy_level`` 0 (float
   math on the dequantized weights: the PyTorch graph's numbers; the default, 4, requantizes each
   MatMulNBits input to int8 per block);
-* ``ours-w4a16``: ``{"a_bits": null}`` (rotation + GPTQ weights, activations float), exported the same way.
+* ``ours-w4a4-int4-table``: the default with the builder's table layout (``INT4_TABLE``): one int4 table
+  in groups of 32 for the embedding and the lm_head, shared where the model ties them
+  (``RotateOptions.keep_tied``), rounded by GPTQ on the lm_head's inputs (``lm_head_gptq``);
+* ``ours-w4a16``: ``{"a_bits": null}`` with the same tables (rotation + GPTQ weights, activations
+  float), exported the same way.
 
 Every row is measured in child processes with the same onnxruntime thread count (``--threads``, set in
 each folder's ``genai_config.json`` and in the perplexity session):
@@ -56,7 +60,12 @@ import time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
-ROWS = ("float", "ort-matmulnbits", "genai-builder-int4", "ours-w4a4", "ours-w4a4-acc0", "ours-w4a16")
+# The builder's tables: int4 in groups of 32, one table where the model ties them, GPTQ-rounded for the lm_head.
+INT4_TABLE = {"lm_head_bits": 4, "lm_head_group_size": 32, "lm_head_gptq": True}
+CONFIGS = {"ours-w4a4": {}, "ours-w4a4-acc0": {}, "ours-w4a4-int4-table": INT4_TABLE,
+           "ours-w4a16": {"a_bits": None, **INT4_TABLE}}
+ROWS = ("float", "ort-matmulnbits", "genai-builder-int4", "ours-w4a4", "ours-w4a4-acc0", "ours-w4a4-int4-table", "ours-w4a16")
+DEFAULT_ROWS = tuple(r for r in ROWS if r != "ours-w4a4-acc0")  # accuracy level 0: measured in earlier runs
 _LLAMA_FAMILY = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text", "granite", "olmo"}
 MIB = 2**20
 _T0 = time.perf_counter()
@@ -235,7 +244,7 @@ def build_model_rows(name: str, rows: list[str], args, work: Path) -> tuple[dict
                 continue
             build_genai_builder(model, tokenizer, out, work / "builder")
         elif row.startswith("ours"):
-            config = {"a_bits": None} if row == "ours-w4a16" else {}
+            config = CONFIGS[row]
             key = json.dumps(config)
             if key not in facts.setdefault("_quantized", {}):
                 q0 = time.perf_counter()
@@ -333,7 +342,7 @@ def _write(path: Path, text: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["opt-mini", "smollm2-135m"])
-    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
+    p.add_argument("--rows", nargs="+", default=list(DEFAULT_ROWS), choices=ROWS)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--prompt-tokens", type=int, default=512)

@@ -105,7 +105,8 @@ def readme_block(report: dict) -> str:
 
 _DEPLOY_ROWS = {"float": "float32", "ort-matmulnbits": "onnxruntime `MatMulNBitsQuantizer` W4",
                 "genai-builder-int4": "onnxruntime-genai builder int4", "ours-w4a4": "**ours W4A4**",
-                "ours-w4a4-acc0": "ours W4A4, accuracy level 0", "ours-w4a16": "ours W4A16 (weight-only)"}
+                "ours-w4a4-acc0": "ours W4A4, accuracy level 0", "ours-w4a4-int4-table": "ours W4A4, int4 table (GPTQ)",
+                "ours-w4a16": "ours W4A16 (weight-only, int4 table)"}
 
 
 def deploy_block(report: dict) -> str:

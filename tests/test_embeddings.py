@@ -187,3 +187,19 @@ def test_lm_head_gptq_rounds_the_tied_table_for_the_heads_inputs(tied):
         return float((x @ (w - table.double()).T).square().mean())
 
     assert output_error(gq) < 0.9 * output_error(rtn)
+
+
+def test_lm_head_gptq_on_a_graph_kept_elsewhere_is_a_config_error(tied):
+    """The head's Hessian needs one forward of the whole graph: on a graph whose weights are not where the
+    passes compute (quantize(device=...) on a host graph; the meta device stands in for a GPU) it refuses."""
+    from llmq_fx.calibrate import calibration_batches
+    from llmq_fx.passes.quantize_embeddings import EmbeddingsOptions, QuantizeEmbeddingsPass
+    from llmq_fx.spec import WeightSpec
+
+    model, _ = tied
+    gm = llmq_fx.trace(model)
+    gm.meta.setdefault("llmq_fx", {})["device"] = "meta"
+    ids = torch.randint(0, VOCAB_TIED, (2, 16))
+    step = QuantizeEmbeddingsPass(EmbeddingsOptions(lm_head=WeightSpec(4, 16, clip=True), lm_head_gptq=True))
+    with pytest.raises(llmq_fx.ConfigError, match="lm_head_gptq runs the whole graph on the calibration batches"):
+        step.with_calibration(calibration_batches(ids, 2), progress=False)(gm)

@@ -36,6 +36,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from llmq_fx import ops  # noqa: F401  (registers torch.ops.llmq)
 from llmq_fx import qmath
+from llmq_fx.errors import ConfigError
 from llmq_fx.graph import VIEW_OPS, attr, compute_device, is_linear, module_path, read_attr
 from llmq_fx.passes.base import CalibratedPass
 from llmq_fx.passes.insert_qdq import delete_replaced_weights, insert_weight_dequant, is_integer_weight
@@ -200,9 +201,18 @@ class QuantizeEmbeddingsPass(CalibratedPass):
     @torch.no_grad()
     def _input_hessian(self, gm: fx.GraphModule, head: fx.Node) -> torch.Tensor:
         """``X^T X / tokens`` (float64) of the lm_head's input over the calibration batches, on the graph as
-        quantized so far (GPTQ's sequential order: the head is rounded for the inputs it will get)."""
+        quantized so far (GPTQ's sequential order: the head is rounded for the inputs it will get): one
+        forward of the whole graph per batch, where its weights are."""
         x_node = head.args[0]
         acc = {"h": None, "n": 0}
+        device = compute_device(gm)
+        elsewhere = next((name for name, t in list(gm.named_parameters()) + list(gm.named_buffers())
+                          if t.device != device), None)
+        if elsewhere is not None:
+            raise ConfigError(
+                f"lm_head_gptq runs the whole graph on the calibration batches, but {elsewhere} is on "
+                f"{attr(gm, elsewhere).device}, not {device} where the passes compute (quantize(..., device=) on a "
+                "graph kept elsewhere walks it layer by layer): set lm_head_gptq to false")
 
         class Recorder(fx.Interpreter):
             def run_node(self, n):
@@ -213,7 +223,6 @@ class QuantizeEmbeddingsPass(CalibratedPass):
                     acc["n"] += z.shape[0]
                 return out
 
-        device = compute_device(gm)
         for batch in self._require_batches():
             Recorder(gm).run(batch.to(device))
         return acc["h"] / max(acc["n"], 1)
