@@ -411,12 +411,7 @@ def _to_matmul_nbits(graph: ir.Graph, accuracy_level: int) -> tuple[int, int]:
             domain="com.microsoft", name=f"{w.name}.MatMulNBits",
         )
         graph.insert_before(last, node)
-        _take_over(last.outputs[0], node.outputs[0])
-        name = last.outputs[0].name
-        last.outputs[0].replace_all_uses_with(node.outputs[0], replace_graph_outputs=True)
-        for dead in replaced:
-            graph.remove(dead, safe=True)
-        node.outputs[0].name = name
+        _replace_value(graph, last.outputs[0], node.outputs[0], replaced)
         if gathers:  # a tied table: the embedding reads the lm_head's packed codes and scales
             _shared_gather(graph, gathers[0].node, b_value, s_value, n_out, k_in, bits, block)
         graph.remove(dq, safe=True)
@@ -474,11 +469,7 @@ def _pack_siblings(graph: ir.Graph) -> int:
                         attributes={"axis": -1}, num_outputs=len(nodes), name=f"{first}.packed.Split")
         graph.insert_before(nodes[0], [fused, split])
         for node, out in zip(nodes, split.outputs):
-            _take_over(node.outputs[0], out)
-            name = node.outputs[0].name
-            node.outputs[0].replace_all_uses_with(out, replace_graph_outputs=True)
-            graph.remove(node, safe=True)
-            out.name = name
+            _replace_value(graph, node.outputs[0], out, [node])
         packed += 1
     if packed:
         _remove_dead(graph)
@@ -557,11 +548,7 @@ def _shared_gather(graph: ir.Graph, gather: ir.Node, b_value: ir.Value, s_value:
     )
     node.metadata_props[TIED_VIEW_META] = json.dumps([rows, k_in * bits // 8])
     graph.insert_before(gather, node)
-    _take_over(gather.outputs[0], node.outputs[0])
-    name = gather.outputs[0].name
-    gather.outputs[0].replace_all_uses_with(node.outputs[0], replace_graph_outputs=True)
-    graph.remove(gather, safe=True)
-    node.outputs[0].name = name
+    _replace_value(graph, gather.outputs[0], node.outputs[0], [gather])
 
 
 # On a GatherBlockQuantized reading a MatMulNBits' packed codes: the ``[rows, bytes per row]`` view it needs.
@@ -612,12 +599,7 @@ def _to_gather_block_quantized(graph: ir.Graph, dq: ir.Node) -> bool:
         domain="com.microsoft", name=f"{table.name}.GatherBlockQuantized",
     )
     graph.insert_before(gather, node)
-    _take_over(gather.outputs[0], node.outputs[0])
-    name = gather.outputs[0].name
-    gather.outputs[0].replace_all_uses_with(node.outputs[0], replace_graph_outputs=True)
-    graph.remove(gather, safe=True)
-    graph.remove(dq, safe=True)
-    node.outputs[0].name = name
+    _replace_value(graph, gather.outputs[0], node.outputs[0], [gather, dq])
     return True
 
 
@@ -655,11 +637,7 @@ def _fold_weight_transposes(graph: ir.Graph) -> int:
             if len(node.inputs) > 2 and node.inputs[2] is not None:
                 last = ir.node("Add", [matmul.outputs[0], node.inputs[2]], name=f"{node.name}.Add")
                 graph.insert_before(node, last)
-            _take_over(node.outputs[0], last.outputs[0])
-            name = node.outputs[0].name
-            node.outputs[0].replace_all_uses_with(last.outputs[0], replace_graph_outputs=True)
-            graph.remove(node, safe=True)
-            last.outputs[0].name = name
+            _replace_value(graph, node.outputs[0], last.outputs[0], [node])
         count += 1
     if count:
         _remove_dead(graph)
@@ -671,10 +649,15 @@ def _fold_weight_transposes(graph: ir.Graph) -> int:
     return count
 
 
-def _take_over(old: ir.Value, new: ir.Value) -> None:
-    """The replacing op's output keeps the type and shape of the value it replaces (a graph output needs them)."""
-    new.type = old.type
-    new.shape = old.shape
+def _replace_value(graph: ir.Graph, old: ir.Value, new: ir.Value, dead: list[ir.Node]) -> None:
+    """``new`` takes ``old``'s place: its readers (graph outputs too), its type and shape (a graph output
+    needs them) and its name, once the replaced nodes ``dead`` are gone."""
+    new.type, new.shape = old.type, old.shape
+    name = old.name
+    old.replace_all_uses_with(new, replace_graph_outputs=True)
+    for node in dead:
+        graph.remove(node, safe=True)
+    new.name = name
 
 
 def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
