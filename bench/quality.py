@@ -195,7 +195,11 @@ def config_short(cfg: dict | None) -> str:
         tables.append(f"embedding W{cfg['embed_bits']} groups of {cfg.get('embed_group_size')}")
     if cfg.get("lm_head_bits"):
         tables.append(f"lm_head W{cfg['lm_head_bits']} groups of {cfg.get('lm_head_group_size')}"
-                      + (" (A8 input)" if cfg["lm_head_bits"] == 8 else " (float input)"))
+                      + (" (A8 input)" if cfg["lm_head_bits"] == 8 else " (float input)")
+                      + (" by GPTQ" if cfg.get("lm_head_gptq") else "")
+                      + (", one table with the embedding where the model ties them"
+                         if (cfg.get("embed_bits"), cfg.get("embed_group_size")) == (cfg["lm_head_bits"], cfg.get("lm_head_group_size"))
+                         else ""))
     parts = [w, a, s] + rotation + tables
     floats = [p for p in (cfg.get("skip") or []) if not (p == "lm_head" and cfg.get("lm_head_bits"))]
     return "; ".join(parts) + f"; float: {', '.join(floats) or 'none'}"
