@@ -207,10 +207,17 @@ def attr_users_elsewhere(gm: fx.GraphModule, get_attr_node: fx.Node, allowed: fx
     """
     others = [u.name for u in get_attr_node.users if u is not allowed]
     tensor = attr(gm, get_attr_node.target)
-    for name, p in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
-        shared = p is tensor if tensor.device.type == "meta" else p.data_ptr() == tensor.data_ptr()  # meta: no storage
-        if name != get_attr_node.target and shared and p.numel():
-            others.append(name)
+    meta, ptr = tensor.device.type == "meta", tensor.data_ptr()  # meta: no storage, compare the tensors
+    # One walk over the modules' own tables (named_parameters/named_buffers would walk them twice and
+    # name every tensor: RotatePass asks this for every weight; 2.7 s of a profiled opt-6.7b host rotation).
+    for prefix, module in gm.named_modules(remove_duplicate=False):
+        for store in (module._parameters, module._buffers):
+            for leaf, p in store.items():
+                if p is None or not p.numel() or not (p is tensor if meta else p.data_ptr() == ptr):
+                    continue
+                name = f"{prefix}.{leaf}" if prefix else leaf
+                if name != get_attr_node.target:
+                    others.append(name)
     return others
 
 
