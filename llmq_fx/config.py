@@ -253,6 +253,19 @@ class QuantConfig:
 
         return None if self.w_bits is None else WeightSpec(self.w_bits, self.w_group_size, self.w_clip)
 
+    def embedding_spec(self) -> "WeightSpec | None":
+        """The token embedding table's scheme (None: float), clip search on."""
+        from llmq_fx.spec import WeightSpec
+
+        return WeightSpec(self.embed_bits, self.embed_group_size, clip=True) if self.embed_bits else None
+
+    def lm_head_spec(self) -> "WeightSpec | None":
+        """The lm_head weight's scheme (None: float), clip search on. Equal to ``embedding_spec()``: the two
+        tables can be one (``RotateOptions.keep_tied``)."""
+        from llmq_fx.spec import WeightSpec
+
+        return WeightSpec(self.lm_head_bits, self.lm_head_group_size, clip=True) if self.lm_head_bits else None
+
     def activation_spec(self) -> "ActivationSpec | None":
         """The activation scheme this config asks for (None: activations stay float). For dynamic
         activations ``group_size`` is the upper bound ``a_group_size`` (``ActivationSpec.for_site``)."""

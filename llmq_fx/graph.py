@@ -24,6 +24,8 @@ __all__ = [
     "ObserverSite",
     "NormAffine",
     "is_linear",
+    "storage_key",
+    "record_outputs",
     "linear_nodes",
     "module_path",
     "attr",
@@ -199,6 +201,29 @@ def share_tensors_copy(gm: fx.GraphModule) -> fx.GraphModule:
     return copy.deepcopy(gm, memo)
 
 
+def storage_key(t: torch.Tensor):
+    """What two names of one tied tensor share: where its data starts, or the tensor itself on the meta
+    device (no storage there)."""
+    return id(t) if t.device.type == "meta" else t.data_ptr()
+
+
+def record_outputs(gm: fx.GraphModule, batches, watch: dict) -> None:
+    """Run ``gm`` on each batch (moved to ``compute_device``), calling ``watch[node](output)`` with the
+    output of each watched node as it is computed (no graph change, no hook left behind)."""
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n in watch:
+                watch[n](out.detach())
+            return out
+
+    device = compute_device(gm)
+    with torch.no_grad():
+        for batch in batches:
+            Recorder(gm).run(batch.to(device))
+
+
 def attr_users_elsewhere(gm: fx.GraphModule, get_attr_node: fx.Node, allowed: fx.Node) -> list[str]:
     """Other users of a parameter: graph users besides ``allowed`` and other names for the same tensor.
 
@@ -207,13 +232,13 @@ def attr_users_elsewhere(gm: fx.GraphModule, get_attr_node: fx.Node, allowed: fx
     """
     others = [u.name for u in get_attr_node.users if u is not allowed]
     tensor = attr(gm, get_attr_node.target)
-    meta, ptr = tensor.device.type == "meta", tensor.data_ptr()  # meta: no storage, compare the tensors
+    key = storage_key(tensor)
     # One walk over the modules' own tables (named_parameters/named_buffers would walk them twice and
     # name every tensor: RotatePass asks this for every weight; 2.7 s of a profiled opt-6.7b host rotation).
     for prefix, module in gm.named_modules(remove_duplicate=False):
         for store in (module._parameters, module._buffers):
             for leaf, p in store.items():
-                if p is None or not p.numel() or not (p is tensor if meta else p.data_ptr() == ptr):
+                if p is None or not p.numel() or storage_key(p) != key:
                     continue
                 name = f"{prefix}.{leaf}" if prefix else leaf
                 if name != get_attr_node.target:

@@ -326,19 +326,14 @@ def nbits_block_size(in_features: int, group_size: int | None) -> int | None:
     return next((b for b in _NBITS_BLOCKS if in_features % b == 0), None)
 
 
-def _weight_consumer(dq: ir.Node, use=None) -> tuple[ir.Value, ir.Node, list[ir.Node], ir.Value | None] | None:
-    """The matmul reading a dequantized weight ``[N, K]`` as ``x @ W^T``: ``(x, node whose output the
+def _weight_consumer(dq: ir.Node, use) -> tuple[ir.Value, ir.Node, list[ir.Node], ir.Value | None] | None:
+    """The matmul reading a dequantized weight ``[N, K]`` as ``x @ W^T`` through ``use`` (one use of the
+    weight: its only one, or the one besides a tied table's Gather): ``(x, node whose output the
     MatMulNBits replaces, nodes it replaces, bias initializer or None)``, or None for any other reader.
-    ``use``: which use of the weight to look at (a table read by a Gather too); by default its only one.
 
     Two forms come out of the exporter: ``Transpose -> MatMul (-> Add bias)`` for inputs of any rank,
     and ``Gemm(x, W, bias, transB=1)`` for 2-D inputs (OPT flattens the MLP's tokens).
     """
-    if use is None:
-        uses = list(dq.outputs[0].uses())
-        if len(uses) != 1:
-            return None
-        use = uses[0]
     reader, idx = use.node, use.idx
     n_out = dq.inputs[0].shape[0]
 
@@ -383,9 +378,9 @@ def _to_matmul_nbits(graph: ir.Graph, accuracy_level: int) -> tuple[int, int]:
         if w is None or not w.is_initializer() or w.const_value is None or w.dtype not in (ir.DataType.INT4, ir.DataType.INT8):
             continue
         uses = list(dq.outputs[0].uses())
-        gathers = [u for u in uses if _is_row_gather(u)]
-        found = _weight_consumer(dq, uses[0]) if len(uses) == 1 else (
-            _weight_consumer(dq, next(u for u in uses if u not in gathers)) if len(uses) == 2 and len(gathers) == 1 else None)
+        gathers = [u for u in uses if _is_row_gather(u)]  # a tied table: the embedding reads it too
+        others = [u for u in uses if u not in gathers]
+        found = _weight_consumer(dq, others[0]) if len(others) == 1 and len(gathers) <= 1 else None
         if found is None:
             if _to_gather_block_quantized(graph, dq):
                 converted += 1

@@ -37,7 +37,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from llmq_fx import ops  # noqa: F401  (registers torch.ops.llmq)
 from llmq_fx import qmath
 from llmq_fx.errors import ConfigError
-from llmq_fx.graph import VIEW_OPS, attr, compute_device, is_linear, module_path, read_attr
+from llmq_fx.graph import VIEW_OPS, attr, compute_device, is_linear, module_path, read_attr, record_outputs, storage_key
 from llmq_fx.passes.base import CalibratedPass
 from llmq_fx.passes.insert_qdq import delete_replaced_weights, insert_weight_dequant, is_integer_weight
 from llmq_fx.spec import ActivationSpec, WeightSpec
@@ -81,11 +81,6 @@ def _int8_kernel_input(gm: fx.GraphModule, head: fx.Node, group: int | None) -> 
             qdq.meta[key] = x.meta[key]
     head.replace_input_with(x, qdq)
     return spec
-
-
-def _storage(t: torch.Tensor):
-    """What two names of one tied table share: the tensor (meta, no storage) or its storage and shape."""
-    return id(t) if t.device.type == "meta" else (t.data_ptr(), tuple(t.shape))
 
 
 def _group_for(columns: int, group_size: int | None) -> int | None:
@@ -140,8 +135,7 @@ class QuantizeEmbeddingsPass(CalibratedPass):
 
     @classmethod
     def from_config(cls, config) -> "QuantizeEmbeddingsPass | None":
-        embed = WeightSpec(config.embed_bits, config.embed_group_size, clip=True) if config.embed_bits else None
-        head = WeightSpec(config.lm_head_bits, config.lm_head_group_size, clip=True) if config.lm_head_bits else None
+        embed, head = config.embedding_spec(), config.lm_head_spec()
         if embed is None and head is None:
             return None
         return cls(EmbeddingsOptions(embed, head, lm_head_gptq=bool(config.lm_head_gptq and head), damp=config.gptq_damp))
@@ -153,14 +147,14 @@ class QuantizeEmbeddingsPass(CalibratedPass):
         head = output_projection(gm) if opts.lm_head is not None else None
         hessian = None  # of the lm_head's input, for GPTQ; keyed by the storage of the weight it rounds
         if opts.lm_head_gptq and head is not None and not is_integer_weight(head.args[1]):
-            hessian = (_storage(attr(gm, head.args[1].target)), self._input_hessian(gm, head))
+            hessian = (storage_key(attr(gm, head.args[1].target)), self._input_hessian(gm, head))
         tables = {}  # storage of each quantized token table -> its dequantize node and path
         if opts.embedding is not None:
             nodes = token_embeddings(gm)
             if not nodes:
                 logger.warning("embed_bits: no token embedding found in the graph; left as it is")
             for node in nodes:
-                table = _storage(attr(gm, node.args[0].target))
+                table = storage_key(attr(gm, node.args[0].target))
                 # A table tied to the lm_head and rounded for it: GPTQ on the lm_head's input, if asked.
                 h = hessian[1] if hessian is not None and hessian[0] == table and opts.embedding == opts.lm_head else None
                 record[module_path(node)] = self._quantize(gm, node, 0, opts.embedding, "embedding", h)
@@ -176,7 +170,7 @@ class QuantizeEmbeddingsPass(CalibratedPass):
             else:
                 path = module_path(head)
                 w = head.args[1]
-                shared = tables.get(_storage(attr(gm, w.target))) if w.op == "get_attr" else None
+                shared = tables.get(storage_key(attr(gm, w.target))) if w.op == "get_attr" else None
                 if shared is not None and opts.lm_head == opts.embedding:
                     # Tied and quantized alike: the lm_head reads the embedding's codes (one table in the file).
                     deq, emb_path = shared
@@ -203,8 +197,6 @@ class QuantizeEmbeddingsPass(CalibratedPass):
         """``X^T X / tokens`` (float64) of the lm_head's input over the calibration batches, on the graph as
         quantized so far (GPTQ's sequential order: the head is rounded for the inputs it will get): one
         forward of the whole graph per batch, where its weights are."""
-        x_node = head.args[0]
-        acc = {"h": None, "n": 0}
         device = compute_device(gm)
         elsewhere = next((name for name, t in list(gm.named_parameters()) + list(gm.named_buffers())
                           if t.device != device), None)
@@ -214,17 +206,16 @@ class QuantizeEmbeddingsPass(CalibratedPass):
                 f"{attr(gm, elsewhere).device}, not {device} where the passes compute (quantize(..., device=) on a "
                 "graph kept elsewhere walks it layer by layer): set lm_head_gptq to false")
 
-        class Recorder(fx.Interpreter):
-            def run_node(self, n):
-                out = super().run_node(n)
-                if n is x_node:
-                    z = out.detach().reshape(-1, out.shape[-1]).to(torch.float64)
-                    acc["h"] = z.T @ z if acc["h"] is None else acc["h"] + z.T @ z
-                    acc["n"] += z.shape[0]
-                return out
+        acc = {"h": None, "n": 0}
 
-        for batch in self._require_batches():
-            Recorder(gm).run(batch.to(device))
+        def add(x: torch.Tensor) -> None:
+            z = x.reshape(-1, x.shape[-1]).to(torch.float64)
+            if acc["h"] is None:
+                acc["h"] = torch.zeros(z.shape[1], z.shape[1], dtype=torch.float64, device=z.device)
+            qmath.add_gram_(acc["h"], z, z)
+            acc["n"] += z.shape[0]
+
+        record_outputs(gm, self._require_batches(), {head.args[0]: add})
         return acc["h"] / max(acc["n"], 1)
 
     @torch.no_grad()

@@ -80,6 +80,7 @@ from llmq_fx.graph import (
     read_attr,
     set_attr,
     site_role,
+    storage_key,
     traced_dtype,
     write_attr,
 )
@@ -263,9 +264,8 @@ class RotatePass(LlmqPass):
     def from_config(cls, config) -> "RotatePass | None":
         if not config.rotate:
             return None
-        tied = (config.embed_bits, config.embed_group_size if config.embed_bits else None) == (
-            config.lm_head_bits, config.lm_head_group_size if config.lm_head_bits else None)
-        return cls(RotateOptions(seed=config.seed, required=config.rotate is True, keep_tied=tied))
+        return cls(RotateOptions(seed=config.seed, required=config.rotate is True,
+                                 keep_tied=config.embedding_spec() == config.lm_head_spec()))
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         opts = self.options
@@ -682,22 +682,19 @@ def _own_param(gm: fx.GraphModule, user: fx.Node, w_node: fx.Node, preferred: st
 def _tied_heads(gm: fx.GraphModule, writers: list[fx.Node], readers) -> dict[fx.Node, fx.Node]:
     """``{reader: embedding}`` for readers whose weight is a token embedding's table (tied), where that
     table has no other user and the reader no bias."""
-    def key(t: torch.Tensor):  # tied: one tensor, or two names sharing storage (meta tensors have none)
-        return id(t) if t.device.type == "meta" else (t.data_ptr(), tuple(t.shape))
-
-    tables = {}
+    tables = {}  # tied: one tensor, or two names sharing its storage
     for w in writers:
         if w.target == aten.embedding.default and isinstance(w.args[0], fx.Node) and w.args[0].op == "get_attr":
-            tables[key(attr(gm, w.args[0].target))] = w
+            tables[storage_key(attr(gm, w.args[0].target))] = w
     out = {}
     for lin, _ in readers:
         wn = lin.args[1]
-        emb = tables.get(key(attr(gm, wn.target))) if isinstance(wn, fx.Node) and wn.op == "get_attr" else None
+        table = storage_key(attr(gm, wn.target)) if isinstance(wn, fx.Node) and wn.op == "get_attr" else None
+        emb = tables.get(table)
         if emb is None or (len(lin.args) > 2 and lin.args[2] is not None):
             continue
-        table = key(attr(gm, wn.target))
         names = {name for name, t in list(gm.named_parameters(remove_duplicate=False))
-                 + list(gm.named_buffers(remove_duplicate=False)) if key(t) == table}
+                 + list(gm.named_buffers(remove_duplicate=False)) if storage_key(t) == table}
         users = {u for n in gm.graph.nodes if n.op == "get_attr" and (n.target in names or n in (wn, emb.args[0]))
                  for u in n.users}
         if users <= {lin, emb}:

@@ -24,7 +24,7 @@ from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from llmq_fx.errors import ConfigError
-from llmq_fx.graph import attr, compute_device, is_linear, write_attr
+from llmq_fx.graph import attr, is_linear, record_outputs, write_attr
 from llmq_fx.passes.base import CalibratedPass
 from llmq_fx.passes.rotate import residual_basis
 
@@ -81,17 +81,13 @@ class SortResidualPass(CalibratedPass):
                   if is_linear(n) and isinstance(n.args[1], fx.Node) and n.args[1].op == "get_attr"
                   and n.args[1].target in readers}
 
-        class Recorder(fx.Interpreter):
-            def run_node(self, n):
-                out = super().run_node(n)
-                if n in inputs:
-                    m = out.detach().abs().reshape(-1, out.shape[-1]).amax(0).float()
-                    maxima[n] = m if n not in maxima else torch.maximum(maxima[n], m)
-                return out
+        def recorder(n: fx.Node):
+            def add(out: torch.Tensor) -> None:
+                m = out.abs().reshape(-1, out.shape[-1]).amax(0).float()
+                maxima[n] = m if n not in maxima else torch.maximum(maxima[n], m)
+            return add
 
-        device = compute_device(gm)
-        for batch in self._require_batches()[: self.options.batches]:
-            Recorder(gm).run(batch.to(device))
+        record_outputs(gm, self._require_batches()[: self.options.batches], {n: recorder(n) for n in inputs})
         if not maxima:
             raise ConfigError("sort_residual: no calibration batch reached the residual readers")
         return torch.stack([m / m.mean().clamp_min(1e-30) for m in maxima.values()]).mean(0)
