@@ -58,7 +58,8 @@ class QuantConfig:
         sort_residual: after the rotation, order the residual basis by channel range (one
             permutation for the whole model, folded into the weights: no node added), so each group
             of ``a_group_size`` channels at the norm outputs holds channels of similar range
-            (``SortResidualPass``; RPTQ's reordering in the rotated basis).
+            (``SortResidualPass``; RPTQ's reordering in the rotated basis). ``true`` or ``"range"``
+            sorts by range; ``"kmeans"`` makes each group one balanced k-means cluster of channels.
         learn_rotation_steps: train one more orthogonal rotation of the residual stream for this many
             steps on the W4A4 model's loss and fold it in (``LearnRotationPass``, SpinQuant's R1), or
             None. ``learn_rotation_lr``: its Adam learning rate.
@@ -124,7 +125,7 @@ class QuantConfig:
     a_outlier_bits: int | None = None
     a_outlier_clusters: int = 1
     rotate: bool | str = "auto"
-    sort_residual: bool = False
+    sort_residual: bool | str = False
     learn_rotation_steps: int | None = None
     learn_rotation_lr: float = 1e-3
     gptq: bool = True
@@ -190,6 +191,8 @@ class QuantConfig:
         c = self.a_clip_ratio
         if not isinstance(c, (int, float)) or isinstance(c, bool) or not 0 < c <= 1:
             raise ConfigError(f"config key 'a_clip_ratio' must be in (0, 1], got {c!r}")
+        if not (isinstance(self.sort_residual, bool) or self.sort_residual in ("range", "kmeans")):
+            raise ConfigError(f"config key 'sort_residual' must be true, false, \"range\" or \"kmeans\", got {self.sort_residual!r}")
         if not (isinstance(self.rotate, bool) or self.rotate == "auto"):
             raise ConfigError(f"config key 'rotate' must be true, false or \"auto\", got {self.rotate!r}")
         for key in ("a_symmetric", "a_dynamic", "gptq", "gptq_act_order", "w_clip", "gptq_sequential", "lm_head_gptq"):

@@ -97,3 +97,61 @@ def test_sorted_quantized_model_exports_as_a_decoder():
 def test_sorting_needs_the_rotation():
     with pytest.raises(ConfigError, match="'sort_residual' permutes the rotated residual basis: it needs 'rotate'"):
         llmq_fx.recipe({"rotate": False, "sort_residual": True})
+
+
+def _within_group_dispersion(maxima: list[torch.Tensor], group: int, order: torch.Tensor | None = None) -> float:
+    """The k-means objective of contiguous groups: squared distance of each channel's log-normalized maxima
+    (one feature per reader input) to its group's mean, summed."""
+    f = torch.stack([(m / m.mean()).clamp_min(1e-6).log() for m in maxima], 1).double()
+    f = f if order is None else f[order]
+    g = f.reshape(-1, group, f.shape[1])
+    return float(((g - g.mean(1, keepdim=True)) ** 2).sum())
+
+
+@pytest.mark.parametrize("family", sorted(MODELS))
+def test_kmeans_groups_keep_the_float_model_and_gather_similar_channels(family):
+    model = MODELS[family]()
+    gm = llmq_fx.trace(model)
+    with torch.no_grad():
+        ref = gm(IDS[:1])
+    config = {**FLOAT_ONLY, "rotate": True, "a_group_size": 16, "calib_batch_size": 2}
+    rotated = llmq_fx.quantize(gm, IDS, config, progress=False)
+    qgm = llmq_fx.quantize(gm, IDS, {**config, "sort_residual": "kmeans"}, progress=False)
+    with torch.no_grad():
+        assert _relative(qgm(IDS[:1]), ref) < 1e-5, family
+    report = qgm.meta["llmq_fx"]["residual_sort"]
+    assert report["method"] == "kmeans" and report["clusters"] == model.config.hidden_size // 16
+    # Measured again on the graphs: the contiguous groups of 16 are tighter in the clustering's features
+    # than the rotated model's own order (the same channels, permuted).
+    before, after = _reader_maxima(rotated), _reader_maxima(qgm)
+    assert _within_group_dispersion(after, 16) < 0.8 * _within_group_dispersion(before, 16), family
+
+
+def test_balanced_kmeans_makes_every_group_one_cluster():
+    from llmq_fx.passes.sort_residual import balanced_kmeans_order
+
+    gen = torch.Generator().manual_seed(0)
+    # Three sites, 24 channels in three planted kinds (8 each), shuffled: narrow, middle, wide.
+    level = torch.tensor([1.0] * 8 + [4.0] * 8 + [16.0] * 8)
+    shuffle = torch.randperm(24, generator=gen)
+    maxima = [(level * torch.exp(0.05 * torch.randn(24, generator=gen)))[shuffle] for _ in range(3)]
+    score = torch.stack([m / m.mean() for m in maxima]).mean(0)
+    perm, rec = balanced_kmeans_order(maxima, score, 8, seed=0)
+    kinds = level[shuffle][perm].reshape(3, 8)
+    assert (kinds == kinds[:, :1]).all() and kinds[:, 0].tolist() == [1.0, 4.0, 16.0]
+    assert rec["clusters"] == 3 and rec["moved_by_balancing"] == 0
+    assert sorted(perm.tolist()) == list(range(24))
+    # Unbalanced kinds (10 / 6 / 8): every group still has 8 channels, two channels move.
+    level = torch.tensor([1.0] * 10 + [4.0] * 6 + [16.0] * 8)
+    maxima = [level * torch.exp(0.05 * torch.randn(24, generator=gen)) for _ in range(3)]
+    score = torch.stack([m / m.mean() for m in maxima]).mean(0)
+    perm, rec = balanced_kmeans_order(maxima, score, 8, seed=0)
+    assert sorted(perm.tolist()) == list(range(24)) and rec["moved_by_balancing"] == 2
+    assert level[perm][16:].eq(16.0).all()  # the wide kind, complete, is the last group
+
+
+def test_kmeans_groups_need_dynamic_groups():
+    with pytest.raises(ConfigError, match="\"kmeans\" makes the clusters the dynamic activation groups"):
+        llmq_fx.recipe({"sort_residual": "kmeans", "a_group_size": None})
+    with pytest.raises(ConfigError, match="'sort_residual' must be true, false, \"range\" or \"kmeans\""):
+        llmq_fx.recipe({"sort_residual": "cluster"})

@@ -13,6 +13,12 @@ calibration batches (each site's maxima divided by their mean, then averaged ove
 with activations quantized in groups of ``G`` contiguous channels (RPTQ's reordering, here with the
 rotation's basis), a group holds channels of similar range. Activations at other sites (attention
 output, MLP down projection) are not in the residual basis and keep their order.
+
+``method="kmeans"`` (RPTQ's clusters as the dynamic groups): each channel is described by its
+log-normalized maxima at every reader input (one feature per site), k-means (scikit-learn) finds
+``channels / G`` clusters, and a balanced assignment (each channel to its nearest cluster with room left,
+the closest pairs first) makes every cluster exactly ``G`` channels; the clusters are laid out one after
+the other, so each contiguous group of ``G`` is one cluster.
 """
 
 from __future__ import annotations
@@ -33,9 +39,14 @@ __all__ = ["SortResidualPass", "SortResidualOptions"]
 
 @dataclass(frozen=True)
 class SortResidualOptions:
-    """Options of ``SortResidualPass``: statistics from the first ``batches`` calibration batches."""
+    """Options of ``SortResidualPass``: statistics from the first ``batches`` calibration batches;
+    ``method``: ``"range"`` (sort by the averaged normalized maximum) or ``"kmeans"`` (balanced k-means
+    clusters of ``group`` channels, the activation group size); ``seed`` for k-means."""
 
     batches: int = 2
+    method: str = "range"
+    group: int | None = None
+    seed: int = 0
 
 
 class SortResidualPass(CalibratedPass):
@@ -50,7 +61,11 @@ class SortResidualPass(CalibratedPass):
             return None
         if config.rotate is False:
             raise ConfigError("config key 'sort_residual' permutes the rotated residual basis: it needs 'rotate'")
-        return cls(SortResidualOptions())
+        method = "range" if config.sort_residual is True else config.sort_residual
+        if method == "kmeans" and not (config.a_dynamic and config.a_group_size):
+            raise ConfigError("config key 'sort_residual': \"kmeans\" makes the clusters the dynamic activation groups: "
+                              "it needs 'a_dynamic' and an 'a_group_size'")
+        return cls(SortResidualOptions(method=method, group=config.a_group_size, seed=config.seed))
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         meta = gm.meta.setdefault("llmq_fx", {})
@@ -59,23 +74,28 @@ class SortResidualPass(CalibratedPass):
             meta["residual_sort"] = {"sorted": False, "reason": "no rotated residual stream (rotation skipped)"}
             return PassResult(gm, False)
         readers = set(meta["residual_basis"]["readers"])
-        score = self._channel_score(gm, readers)
-        perm = torch.argsort(score.cpu(), stable=True)
+        maxima = self._reader_maxima(gm, readers)
+        score = torch.stack([m / m.mean().clamp_min(1e-30) for m in maxima]).mean(0).cpu()
+        if self.options.method == "kmeans":
+            perm, clusters = balanced_kmeans_order(maxima, score, self.options.group, self.options.seed)
+        else:
+            perm, clusters = torch.argsort(score, stable=True), None
         with torch.no_grad():
             for target, axis in tensors:  # each tensor once, also behind two names (tied weights)
                 t = attr(gm, target)
                 for a in (0, 1) if axis is None else (axis % t.dim(),):  # None: a map from the stream to itself
                     t = t.index_select(a, perm.to(t.device))
                 write_attr(gm, target, t)
-        meta["residual_sort"] = {"sorted": True, "channels": int(perm.numel()), "sites": len(readers),
-                                 "range_min": float(score.min()), "range_max": float(score.max())}
+        meta["residual_sort"] = {"sorted": True, "method": self.options.method, "channels": int(perm.numel()),
+                                 "sites": len(readers), "range_min": float(score.min()), "range_max": float(score.max())}
+        if clusters is not None:
+            meta["residual_sort"].update(clusters)
         gm.recompile()
         return PassResult(gm, True)
 
     @torch.no_grad()
-    def _channel_score(self, gm: fx.GraphModule, readers: set[str]) -> torch.Tensor:
-        """Per residual channel: its largest magnitude at each reader's input, divided by that input's
-        mean over channels, averaged over the inputs (each input counted once)."""
+    def _reader_maxima(self, gm: fx.GraphModule, readers: set[str]) -> list[torch.Tensor]:
+        """Per reader input (each counted once): every residual channel's largest magnitude there."""
         maxima: dict[fx.Node, torch.Tensor] = {}
         inputs = {n.args[0] for n in gm.graph.nodes
                   if is_linear(n) and isinstance(n.args[1], fx.Node) and n.args[1].op == "get_attr"
@@ -90,5 +110,40 @@ class SortResidualPass(CalibratedPass):
         record_outputs(gm, self._require_batches()[: self.options.batches], {n: recorder(n) for n in inputs})
         if not maxima:
             raise ConfigError("sort_residual: no calibration batch reached the residual readers")
-        return torch.stack([m / m.mean().clamp_min(1e-30) for m in maxima.values()]).mean(0)
+        return list(maxima.values())
+
+
+def balanced_kmeans_order(maxima: list[torch.Tensor], score: torch.Tensor, group: int, seed: int):
+    """The channel order that makes each run of ``group`` channels one k-means cluster (see the module
+    docstring), and a record: clusters, channels the balancing moved off their nearest center, and the
+    spread of the normalized maximum inside a group (largest / smallest, mean over groups) before and after."""
+    from sklearn.cluster import KMeans
+
+    features = torch.stack([(m / m.mean().clamp_min(1e-30)).clamp_min(1e-6).log() for m in maxima], 1).cpu().double()
+    channels = features.shape[0]
+    k = -(-channels // group)
+    capacity = torch.full((k,), group, dtype=torch.long)
+    capacity[-1] = channels - group * (k - 1)
+    km = KMeans(n_clusters=k, n_init=4, random_state=seed).fit(features.numpy())
+    centers = torch.from_numpy(km.cluster_centers_)
+    # Clusters in the order of their centers' mean log range, so groups run from narrow to wide as with "range".
+    order = torch.argsort(centers.mean(1), stable=True)
+    centers = centers[order]
+    dist = torch.cdist(features, centers)
+    label = torch.full((channels,), -1, dtype=torch.long)
+    room = capacity.clone()
+    for flat in torch.argsort(dist.flatten(), stable=True).tolist():
+        c, j = divmod(flat, k)
+        if label[c] < 0 and room[j] > 0:
+            label[c] = j
+            room[j] -= 1
+    nearest = dist.argmin(1)
+    perm = torch.argsort(label * (score.max() + 1) + score.double(), stable=True)
+
+    def spread(p: torch.Tensor) -> float:
+        s = score[p][: group * (channels // group)].reshape(-1, group)
+        return float((s.amax(1) / s.amin(1).clamp_min(1e-30)).mean())
+
+    return perm, {"clusters": k, "moved_by_balancing": int((label != nearest).sum()),
+                  "group_spread_before": spread(torch.arange(channels)), "group_spread_after": spread(perm)}
 
