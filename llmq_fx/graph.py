@@ -130,7 +130,7 @@ def read_attr(gm: fx.GraphModule, target: str, dtype: torch.dtype = torch.float3
     """A parameter/buffer where the passes compute (``compute_device``), in ``dtype``: moved as stored,
     widened there. The counterpart of ``write_attr``; with the graph on the host and
     ``quantize(..., device=)``, the passes compute on the device one tensor at a time."""
-    return attr(gm, target).detach().to(compute_device(gm)).to(dtype)
+    return moved(attr(gm, target).detach(), compute_device(gm)).to(dtype)
 
 
 def traced_dtype(node: fx.Node) -> torch.dtype | None:
@@ -152,16 +152,52 @@ def retarget_devices(gm: fx.GraphModule, old: str, new: torch.device | str) -> N
     gm.recompile()
 
 
+_STAGE_BYTES = 256 * 2**20  # pinned staging buffer per GPU (one, reused): 256 MiB
+_STAGE_MIN = 16 * 2**20  # tensors smaller than this move as they are
+_stages: dict[torch.device, torch.Tensor] = {}
+
+
+def _stage(device: torch.device, nbytes: int) -> torch.Tensor:
+    """The pinned host buffer (at least ``nbytes``) that copies between the host and ``device`` go through."""
+    if device not in _stages or _stages[device].numel() < nbytes:
+        _stages[device] = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    return _stages[device]
+
+
+def _staged_copy_(dst: torch.Tensor, src: torch.Tensor, gpu: torch.device) -> torch.Tensor:
+    """``dst.copy_(src)`` between pageable host memory and ``gpu``, in chunks through the pinned buffer: the
+    host side of each chunk is a copy by torch's threads, the device side a DMA at full bus speed.
+    Measured on the H200 machine (16 host threads, 6 GiB in 256 MiB tensors): host-to-device 8.4 GB/s
+    pageable, 33 GB/s pageable-to-pinned plus 52 GB/s pinned-to-device; device-to-host into fresh pageable
+    memory 6.9 GB/s zeroed first, 10.4 GB/s through the buffer. Each DMA is synchronous, so the buffer
+    is free again when the next chunk is staged."""
+    chunk = min(_STAGE_BYTES, src.nbytes)
+    stage = _stage(gpu, chunk)
+    flat_dst, flat_src = dst.view(-1).view(torch.uint8), src.view(-1).view(torch.uint8)
+    with torch.cuda.device(gpu):
+        for lo in range(0, flat_src.numel(), chunk):
+            hi = min(lo + chunk, flat_src.numel())
+            buf = stage[: hi - lo]
+            buf.copy_(flat_src[lo:hi])
+            flat_dst[lo:hi].copy_(buf)
+    return dst
+
+
 def moved(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """``t.to(device)``; from a GPU to the host, into memory the host threads touched first. A device-to-host
-    copy into fresh pageable memory faults its pages in one thread as it goes: 1.4 GB/s on the H200
-    machine against 8.5 GB/s into memory zeroed beforehand by torch's threads (measured, 1 GiB)."""
+    """``t.to(device)``; between the host and a GPU, through a pinned staging buffer (``_staged_copy_``)
+    for tensors of 16 MiB and more: the passes move a host-stored graph's weights to the device and back
+    one at a time, and a pageable copy runs at a fraction of the bus (a device-to-host copy into fresh
+    pageable memory faults its pages in one thread as it goes: 1.4 GB/s on the H200 machine)."""
     device = torch.device(device)
-    if device.type != "cpu" or t.device.type == "cpu":
+    if t.device == device or t.device.type == device.type == "cpu":
+        return t
+    gpu = device if device.type == "cuda" else t.device
+    if gpu.type == "cuda" and gpu.index is None:
+        gpu = torch.device("cuda", torch.cuda.current_device())
+    if gpu.type != "cuda" or t.nbytes < _STAGE_MIN or t.dtype == torch.bool or not (device.type == "cpu" or t.device.type == "cpu"):
         return t.to(device)
-    out = torch.empty(t.shape, dtype=t.dtype)
-    out.zero_()
-    return out.copy_(t)
+    src = t.contiguous()
+    return _staged_copy_(torch.empty(src.shape, dtype=src.dtype, device=device), src, gpu)
 
 
 def write_attr(gm: fx.GraphModule, target: str, value: torch.Tensor, dtype: torch.dtype | None = None,

@@ -59,7 +59,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from tqdm.auto import tqdm
 
 from llmq_fx.errors import CalibrationError, DeviceMemoryError, UnsupportedModelError
-from llmq_fx.graph import ObserverSite, compute_device, is_linear, observer_sites, traced_dtype, walk_devices
+from llmq_fx.graph import ObserverSite, compute_device, is_linear, moved, observer_sites, traced_dtype, walk_devices
 
 __all__ = ["SiteInputs", "SiteResult", "run_lockstep"]
 
@@ -150,7 +150,7 @@ def run_lockstep(
 
     def place(value: object, to: torch.device = device) -> object:
         """A weight or batch on a walk device."""
-        return value.to(to) if isinstance(value, torch.Tensor) and value.device != to else value
+        return moved(value, to) if isinstance(value, torch.Tensor) and value.device != to else value
 
     def low(value: object) -> object:
         return value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value

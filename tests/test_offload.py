@@ -238,6 +238,23 @@ def test_moved_to_the_host_is_the_plain_copy(dtype):
     assert moved(out, "cpu") is out or torch.equal(moved(out, "cpu"), out)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="moves between the host and a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
+def test_moved_through_the_pinned_buffer_in_chunks_is_the_plain_copy(dtype, monkeypatch):
+    from llmq_fx import graph
+
+    monkeypatch.setattr(graph, "_STAGE_BYTES", 2**20)  # 1 MiB chunks: the 5.3 MiB tensor takes six, the last partial
+    monkeypatch.setattr(graph, "_STAGE_MIN", 2**20)
+    monkeypatch.setattr(graph, "_stages", {})
+    t = (torch.randn(1391, 1000, device="cuda") * 50).to(dtype)
+    host = graph.moved(t, "cpu")
+    assert host.device.type == "cpu" and host.dtype == dtype and torch.equal(host, t.cpu())
+    back = graph.moved(host[:, 1:], "cuda")  # a non-contiguous host view
+    assert back.device.type == "cuda" and torch.equal(back, t[:, 1:])
+    assert graph.moved(t, "cuda") is t and graph.moved(host, "cpu") is host
+    assert all(s.is_pinned() and s.numel() == 2**20 for s in graph._stages.values())
+
+
 def test_walk_spread_over_devices_computes_what_one_device_does(deep_gm, calib, eval_ids):
     """quantize(device=[d, d]) walks batch b on slot b mod 2, each slot fetching its own weights and keeping
     its own float-lane overrides; on one CPU both slots are the same device, so the moments and the clip
