@@ -64,3 +64,25 @@ def test_dynamic_qdq_kernel_leaves_wide_rows_to_pytorch():
     x = torch.randn(2, kernels.QDQ_MAX_GROUP * 2, device="cuda")
     assert kernels.dynamic_qdq(x, -8, 7, True, 1.0, x.shape[-1], qmath.SCALE_EPS) is None
     assert torch.isfinite(qmath.dynamic_fake_quantize(x, 4, True)).all()  # PyTorch took it
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows, cols", [(96, 256), (4000, 32), (7, 3000), (33, 64)])
+def test_clip_scale_kernel_picks_the_pytorch_search_ratio(monkeypatch, rows, cols):
+    g = torch.Generator(device="cuda").manual_seed(rows + cols)
+    w = torch.randn(rows, cols, device="cuda", generator=g) * torch.rand(rows, 1, device="cuda", generator=g).exp()
+    w[0] = 0.0  # an all-zero row: the smallest scale
+    w[1, :5] *= 30.0  # outliers: a clipped pick
+    w[2] = 0.25  # one value everywhere
+    fast = qmath.weight_scale(w, 7, clip=True)
+    monkeypatch.setattr(kernels, "available", lambda t: False)
+    slow = qmath.weight_scale(w, 7, clip=True)
+    assert fast.shape == slow.shape == (rows,) and fast[0] == qmath.SCALE_EPS
+    same = fast == slow
+    assert same.float().mean() >= 0.99, same.float().mean()
+    # Where a pick differs, the two ratios' errors tie (to float32 rounding of the row sums).
+    def err(s):
+        q = torch.round(w.double() / s.double()[:, None]).clamp(-8, 7)
+        return (w.double() - q * s.double()[:, None]).abs().pow(qmath.CLIP_NORM).sum(1)
+    assert torch.allclose(err(fast)[~same], err(slow)[~same], rtol=1e-5)
+    assert (slow[1] < w[1].abs().max() / 7) and (fast[1] < w[1].abs().max() / 7)  # the outlier row is clipped
