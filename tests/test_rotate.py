@@ -17,6 +17,7 @@ from llmq_fx.passes.rotate import (
     RotatePass,
     hadamard,
     kron_factors,
+    kron_matmul,
     paley_hadamard,
     rotation_matrix,
 )
@@ -54,6 +55,8 @@ def test_rotation_matrices_are_orthogonal(n):
     assert a.shape[0] * b.shape[0] == n
     t = torch.kron(a, b)
     torch.testing.assert_close(t @ t.T, torch.eye(n, dtype=torch.float64), atol=1e-10, rtol=0)
+    w = torch.randn(5, n, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(kron_matmul(w, a, b), w @ t, atol=1e-12, rtol=1e-12)  # the product, factored
 
 
 @pytest.mark.parametrize("n", [12, 20, 28, 36, 44, 60, 108])
