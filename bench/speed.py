@@ -24,6 +24,12 @@ observers; ``ratio`` is pipeline time over floor time.
 * ``--host-weights``: after the floor, the traced graph moves to the host and ``llmq_fx.quantize(...,
   device=--device)`` quantizes it layer by layer (each weight on the device only while the walk
   reads it); the entry records the walk's peak of weights held on the device.
+* Warm-up (``--shapes``, unless ``--no-warmup``): before the first timed model, ours and (with ``--peer``)
+  the peer each run once, untimed, on ``opt-tiny`` (one layer, hidden 64; 4 x 128 ids) in the same
+  process, by the same code: what a process pays once whatever the model (imports made on first use,
+  custom-op registrations, CUDA context, Triton compilation; about 8 s of the first capture on the
+  H200 machine) is not counted against either side's per-model time. The warm-up seconds are in
+  every entry (``warmup``).
 * Peak memory per stage: on CPU the process's peak RSS (VmHWM, reset at every stage start by writing
   5 to /proc/self/clear_refs); on CUDA ``torch.cuda.max_memory_allocated`` (reset per stage), plus
   the host's peak RSS. ``quantize`` first deep-copies the graph (its parameters too), untimed by
@@ -74,6 +80,8 @@ SHAPES = {
     "opt-6.7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, ffn_dim=16384),
     "opt-13b": dict(hidden_size=5120, num_hidden_layers=40, num_attention_heads=40, ffn_dim=20480),
     "opt-30b": dict(hidden_size=7168, num_hidden_layers=48, num_attention_heads=56, ffn_dim=28672),
+    # One small layer: the untimed warm-up run of each side (--no-warmup skips it), or a smoke test.
+    "opt-tiny": dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, ffn_dim=256),
 }
 _OPT_COMMON = dict(vocab_size=50272, max_position_embeddings=2048, do_layer_norm_before=True, activation_function="relu",
                    dropout=0.0, attention_dropout=0.0, enable_bias=True, tie_word_embeddings=True)
@@ -358,6 +366,10 @@ def markdown(data: dict) -> str:
                              f"{o['w4a4_bytes'] / o['float_bytes']:.3f} | {_num(med.get('ort_float'), '.1f')} | {_num(med.get('ort_w4a4'), '.1f')} | "
                              f"{_num(ratio, '.2f')} | {_num(med.get('torch_float'), '.1f')} | {_num(med.get('torch_w4a4'), '.1f')} |")
         notes = [e["note"] for e in entries.values() if e.get("note")]
+        warm = {json.dumps(e["warmup"], sort_keys=True): e["warmup"] for e in entries.values() if e.get("warmup")}
+        notes += [f"warm-up before the timed models of a command (untimed, same process, same code): {w['shape']} with "
+                  f"{w['calib']} ids, ours {w['ours_s']:.1f} s" + (f", llm-compressor {w['peer_s']:.1f} s" if "peer_s" in w else "")
+                  for w in warm.values()]
         lines += [""] + [f"- {n}" for n in dict.fromkeys(notes)] + ([""] if notes else [])
     return "\n".join(lines).rstrip() + "\n"
 
@@ -548,6 +560,23 @@ def run_peer(name: str, args, device: torch.device, save) -> None:
         torch.cuda.empty_cache()
 
 
+def warm_up(args, device: torch.device) -> dict:
+    """One untimed run of ours (and the peer) on ``opt-tiny``, by the code the timed runs use: seconds each."""
+    tiny = argparse.Namespace(**{**vars(args), "calib": "4x128", "no_export": True})
+    out = {"shape": "opt-tiny", "calib": tiny.calib}
+    t0 = time.perf_counter()
+    run_one("opt-tiny", tiny, device, lambda n, e: None)
+    out["ours_s"] = time.perf_counter() - t0
+    if args.peer:
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32
+        t0 = time.perf_counter()
+        run_peer("opt-tiny", tiny, device, lambda n, e: None)
+        out["peer_s"] = time.perf_counter() - t0
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    logger.info("warm-up on opt-tiny: %s", out)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="*", default=[], help="built-in models (opt-mini, smollm2-135m, ...)")
@@ -569,6 +598,7 @@ def main() -> None:
                    "materialize each tensor from a seeded generator, and store the host copy in this dtype (opt-30b's float32 "
                    "weights do not fit the host); the floor runs a float32 copy on --device")
     p.add_argument("--peer", action="store_true", help="--shapes: also run llm-compressor's GPTQModifier on the same shape and tokens")
+    p.add_argument("--no-warmup", action="store_true", help="--shapes: time the first model cold (no untimed opt-tiny run first)")
     p.add_argument("--tag", help="appended to every entry name, e.g. tf32")
     p.add_argument("--json", type=Path, default=RESULTS / "speed.json")
     p.add_argument("--merge", type=Path, nargs="*", default=[], help="speed JSON files from other machines to fold into --json")
@@ -591,11 +621,12 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     section = "cuda" if device.type == "cuda" else "cpu"
     suffix = f" ({args.tag})" if args.tag else ""
+    warmup = warm_up(args, device) if args.shapes and not args.no_warmup else None
     for name in list(args.models) + list(args.shapes):
-        run_one(name, args, device, lambda n, e: save_entry(args.json, section, n + suffix, e))
+        run_one(name, args, device, lambda n, e: save_entry(args.json, section, n + suffix, {**e, "warmup": warmup}))
         if args.peer and name in SHAPES:
             torch.backends.cuda.matmul.allow_tf32 = args.tf32
-            run_peer(name, args, device, lambda n, e: save_entry(args.json, section, n + suffix, e))
+            run_peer(name, args, device, lambda n, e: save_entry(args.json, section, n + suffix, {**e, "warmup": warmup}))
     print(args.json.with_suffix(".md").read_text())
 
 
