@@ -191,11 +191,11 @@ def moved(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     device = torch.device(device)
     if t.device == device or t.device.type == device.type == "cpu":
         return t
-    gpu = device if device.type == "cuda" else t.device
-    if gpu.type == "cuda" and gpu.index is None:
-        gpu = torch.device("cuda", torch.cuda.current_device())
-    if gpu.type != "cuda" or t.nbytes < _STAGE_MIN or t.dtype == torch.bool or not (device.type == "cpu" or t.device.type == "cpu"):
+    if {t.device.type, device.type} != {"cpu", "cuda"} or t.nbytes < _STAGE_MIN:
         return t.to(device)
+    gpu = device if device.type == "cuda" else t.device
+    if gpu.index is None:
+        gpu = torch.device("cuda", torch.cuda.current_device())
     src = t.contiguous()
     return _staged_copy_(torch.empty(src.shape, dtype=src.dtype, device=device), src, gpu)
 
