@@ -64,14 +64,20 @@ def _reader_maxima(gm) -> list[torch.Tensor]:
     return list(out.values())
 
 
-@pytest.mark.parametrize("family", sorted(MODELS))
-def test_sorting_keeps_the_float_model_and_sorts_the_channels(family):
+def _rotated_and_sorted(family: str, sort, **config):
+    """The model, its float logits on one batch, and its graph rotated without and with ``sort_residual``."""
     model = MODELS[family]()
     gm = llmq_fx.trace(model)
     with torch.no_grad():
         ref = gm(IDS[:1])
-    rotated = llmq_fx.quantize(gm, IDS, {**FLOAT_ONLY, "rotate": True}, progress=False)
-    qgm = llmq_fx.quantize(gm, IDS, {**FLOAT_ONLY, "rotate": True, "sort_residual": True, "calib_batch_size": 2}, progress=False)
+    config = {**FLOAT_ONLY, "rotate": True, "calib_batch_size": 2, **config}
+    rotated = llmq_fx.quantize(gm, IDS, config, progress=False)
+    return model, ref, rotated, llmq_fx.quantize(gm, IDS, {**config, "sort_residual": sort}, progress=False)
+
+
+@pytest.mark.parametrize("family", sorted(MODELS))
+def test_sorting_keeps_the_float_model_and_sorts_the_channels(family):
+    model, ref, rotated, qgm = _rotated_and_sorted(family, True)
     assert [p.stage for p in llmq_fx.recipe({**FLOAT_ONLY, "sort_residual": True})][:2] == ["rotate", "sort"]
     with torch.no_grad():
         assert _relative(qgm(IDS[:1]), ref) < 1e-5, family
@@ -110,13 +116,7 @@ def _within_group_dispersion(maxima: list[torch.Tensor], group: int, order: torc
 
 @pytest.mark.parametrize("family", sorted(MODELS))
 def test_kmeans_groups_keep_the_float_model_and_gather_similar_channels(family):
-    model = MODELS[family]()
-    gm = llmq_fx.trace(model)
-    with torch.no_grad():
-        ref = gm(IDS[:1])
-    config = {**FLOAT_ONLY, "rotate": True, "a_group_size": 16, "calib_batch_size": 2}
-    rotated = llmq_fx.quantize(gm, IDS, config, progress=False)
-    qgm = llmq_fx.quantize(gm, IDS, {**config, "sort_residual": "kmeans"}, progress=False)
+    model, ref, rotated, qgm = _rotated_and_sorted(family, "kmeans", a_group_size=16)
     with torch.no_grad():
         assert _relative(qgm(IDS[:1]), ref) < 1e-5, family
     report = qgm.meta["llmq_fx"]["residual_sort"]
