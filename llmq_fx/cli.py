@@ -135,7 +135,7 @@ def _cmd_quantize(args) -> int:
         from llmq_fx.models import checkpoint_folder, load_model_on_meta
 
         model, tokenizer = load_model_on_meta(args.model)
-        gm = llmq_fx.trace_checkpoint(checkpoint_folder(args.model), getattr(torch, args.weights_dtype))
+        gm = llmq_fx.trace_checkpoint(checkpoint_folder(args.model), getattr(torch, args.weights_dtype), model=model)
     else:
         model, tokenizer = load_model(args.model)
     if not (args.host_weights or args.weights_dtype):

@@ -204,7 +204,7 @@ def trace_on_meta(config):
     return trace(meta_model(config))
 
 
-def trace_checkpoint(folder: str | Path, weights_dtype: torch.dtype = torch.bfloat16):
+def trace_checkpoint(folder: str | Path, weights_dtype: torch.dtype = torch.bfloat16, model: nn.Module | None = None):
     """A local Hugging Face causal-LM folder captured without building the model: the model is made on
     the meta device (``accelerate.init_empty_weights``), traced there in float32, and each weight is
     then read from the folder's safetensors files, one tensor at a time, into host memory stored in
@@ -216,6 +216,9 @@ def trace_checkpoint(folder: str | Path, weights_dtype: torch.dtype = torch.bflo
     float32 (only the sequential recipes accept narrow-stored weights). Buffers the checkpoint does
     not hold (rotary frequencies) are computed by the model's constructor as usual. Raises
     ``CheckpointError`` naming the folder and the tensor for a missing tensor or a shape mismatch.
+    ``model``: the folder's model already built on the meta device (``load_model_on_meta``), traced
+    instead of building it a second time; it stays on the meta device (the graph's tensors are replaced,
+    not written into).
     """
     from safetensors import safe_open
 
@@ -231,7 +234,14 @@ def trace_checkpoint(folder: str | Path, weights_dtype: torch.dtype = torch.bflo
         _check_weights_file(f)
         with safe_open(str(f), framework="pt") as handle:
             where.update((key, f) for key in handle.keys())
-    gm = trace_on_meta(config)
+    if model is None:
+        gm = trace_on_meta(config)
+    elif any(p.device.type != "meta" for p in model.parameters()):
+        raise CheckpointError(f"trace_checkpoint(model=...) takes the model of {folder} built on the meta device (load_model_on_meta)")
+    else:
+        from llmq_fx.capture import trace
+
+        gm = trace(model)
     handles: dict[Path, object] = {}
     try:
         for name, t in list(gm.named_parameters()) + list(gm.named_buffers()):

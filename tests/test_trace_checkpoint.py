@@ -59,6 +59,22 @@ def test_checkpoint_graph_holds_the_checkpoint_in_bfloat16_and_quantizes_as_floa
         assert torch.equal(state[key], other[key]), key
 
 
+def test_checkpoint_graph_from_a_model_already_on_meta_is_the_same_graph(tmp_path):
+    """trace_checkpoint(model=...) traces the caller's meta model (the CLI has built it for the export) instead of
+    building another: the same tensors, and the model stays on the meta device."""
+    from llmq_fx.models import meta_model
+
+    model = _opt()
+    model.save_pretrained(tmp_path)
+    on_meta = meta_model(model.config)
+    a, b = llmq_fx.trace_checkpoint(tmp_path, model=on_meta), llmq_fx.trace_checkpoint(tmp_path)
+    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert all(p.device.type == "meta" for p in on_meta.parameters())
+    with pytest.raises(CheckpointError, match="built on the meta device"):
+        llmq_fx.trace_checkpoint(tmp_path, model=model)
+
+
 def test_checkpoint_problems_name_the_tensor(tmp_path):
     _opt().save_pretrained(tmp_path)
     weights = tmp_path / "model.safetensors"
