@@ -155,3 +155,7 @@ def test_kmeans_groups_need_dynamic_groups():
         llmq_fx.recipe({"sort_residual": "kmeans", "a_group_size": None})
     with pytest.raises(ConfigError, match="'sort_residual' must be true, false, \"range\" or \"kmeans\""):
         llmq_fx.recipe({"sort_residual": "cluster"})
+    from llmq_fx.passes.sort_residual import SortResidualOptions
+
+    with pytest.raises(ConfigError, match="needs the activation group size, got group=None"):
+        SortResidualOptions(method="kmeans")

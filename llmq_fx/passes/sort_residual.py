@@ -48,6 +48,12 @@ class SortResidualOptions:
     group: int | None = None
     seed: int = 0
 
+    def __post_init__(self):
+        if self.method not in ("range", "kmeans"):
+            raise ConfigError(f"SortResidualOptions.method must be \"range\" or \"kmeans\", got {self.method!r}")
+        if self.method == "kmeans" and not (isinstance(self.group, int) and self.group >= 1):
+            raise ConfigError(f"SortResidualOptions(method=\"kmeans\") needs the activation group size, got group={self.group!r}")
+
 
 class SortResidualPass(CalibratedPass):
     """Permute the rotated residual basis so that channels of similar range are contiguous."""
