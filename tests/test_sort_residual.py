@@ -135,8 +135,7 @@ def test_balanced_kmeans_makes_every_group_one_cluster():
     level = torch.tensor([1.0] * 8 + [4.0] * 8 + [16.0] * 8)
     shuffle = torch.randperm(24, generator=gen)
     maxima = [(level * torch.exp(0.05 * torch.randn(24, generator=gen)))[shuffle] for _ in range(3)]
-    score = torch.stack([m / m.mean() for m in maxima]).mean(0)
-    perm, rec = balanced_kmeans_order(maxima, score, 8, seed=0)
+    perm, rec = balanced_kmeans_order(torch.stack([m / m.mean() for m in maxima], 1), 8, seed=0)
     kinds = level[shuffle][perm].reshape(3, 8)
     assert (kinds == kinds[:, :1]).all() and kinds[:, 0].tolist() == [1.0, 4.0, 16.0]
     assert rec["clusters"] == 3 and rec["moved_by_balancing"] == 0
@@ -144,8 +143,7 @@ def test_balanced_kmeans_makes_every_group_one_cluster():
     # Unbalanced kinds (10 / 6 / 8): every group still has 8 channels, two channels move.
     level = torch.tensor([1.0] * 10 + [4.0] * 6 + [16.0] * 8)
     maxima = [level * torch.exp(0.05 * torch.randn(24, generator=gen)) for _ in range(3)]
-    score = torch.stack([m / m.mean() for m in maxima]).mean(0)
-    perm, rec = balanced_kmeans_order(maxima, score, 8, seed=0)
+    perm, rec = balanced_kmeans_order(torch.stack([m / m.mean() for m in maxima], 1), 8, seed=0)
     assert sorted(perm.tolist()) == list(range(24)) and rec["moved_by_balancing"] == 2
     assert level[perm][16:].eq(16.0).all()  # the wide kind, complete, is the last group
 

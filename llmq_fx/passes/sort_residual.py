@@ -41,12 +41,14 @@ __all__ = ["SortResidualPass", "SortResidualOptions"]
 class SortResidualOptions:
     """Options of ``SortResidualPass``: statistics from the first ``batches`` calibration batches;
     ``method``: ``"range"`` (sort by the averaged normalized maximum) or ``"kmeans"`` (balanced k-means
-    clusters of ``group`` channels, the activation group size); ``seed`` for k-means."""
+    clusters of ``group`` channels, the activation group size); ``seed``, ``n_init``: k-means determinism
+    and restarts (config ``seed``, ``kmeans_n_init``, as ``GroupChannelsPass``)."""
 
     batches: int = 2
     method: str = "range"
     group: int | None = None
     seed: int = 0
+    n_init: int = 4
 
     def __post_init__(self):
         if self.method not in ("range", "kmeans"):
@@ -71,7 +73,7 @@ class SortResidualPass(CalibratedPass):
         if method == "kmeans" and not (config.a_dynamic and config.a_group_size):
             raise ConfigError("config key 'sort_residual': \"kmeans\" makes the clusters the dynamic activation groups: "
                               "it needs 'a_dynamic' and an 'a_group_size'")
-        return cls(SortResidualOptions(method=method, group=config.a_group_size, seed=config.seed))
+        return cls(SortResidualOptions(method=method, group=config.a_group_size, seed=config.seed, n_init=config.kmeans_n_init))
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         meta = gm.meta.setdefault("llmq_fx", {})
@@ -80,10 +82,10 @@ class SortResidualPass(CalibratedPass):
             meta["residual_sort"] = {"sorted": False, "reason": "no rotated residual stream (rotation skipped)"}
             return PassResult(gm, False)
         readers = set(meta["residual_basis"]["readers"])
-        maxima = self._reader_maxima(gm, readers)
-        score = torch.stack([m / m.mean().clamp_min(1e-30) for m in maxima]).mean(0).cpu()
+        sites = [(m / m.mean().clamp_min(1e-30)).cpu() for m in self._reader_maxima(gm, readers)]
+        score = torch.stack(sites).mean(0)  # per channel: the normalized maximum averaged over the reader inputs
         if self.options.method == "kmeans":
-            perm, clusters = balanced_kmeans_order(maxima, score, self.options.group, self.options.seed)
+            perm, clusters = balanced_kmeans_order(torch.stack(sites, 1), self.options.group, self.options.seed, self.options.n_init)
         else:
             perm, clusters = torch.argsort(score, stable=True), None
         with torch.no_grad():
@@ -119,32 +121,36 @@ class SortResidualPass(CalibratedPass):
         return list(maxima.values())
 
 
-def balanced_kmeans_order(maxima: list[torch.Tensor], score: torch.Tensor, group: int, seed: int):
+def balanced_kmeans_order(normalized: torch.Tensor, group: int, seed: int = 0, n_init: int = 4):
     """The channel order that makes each run of ``group`` channels one k-means cluster (see the module
-    docstring), and a record: clusters, channels the balancing moved off their nearest center, and the
-    spread of the normalized maximum inside a group (largest / smallest, mean over groups) before and after."""
+    docstring) for ``normalized`` (``[channels, sites]``: each channel's maximum at each reader input over
+    that input's mean), and a record: clusters, channels the balancing moved off their nearest center, and
+    the spread of the averaged normalized maximum inside a group (largest / smallest, mean over groups)
+    before and after."""
     from sklearn.cluster import KMeans
 
-    features = torch.stack([(m / m.mean().clamp_min(1e-30)).clamp_min(1e-6).log() for m in maxima], 1).cpu().double()
+    score = normalized.mean(1)
+    features = normalized.clamp_min(1e-6).log().double()
     channels = features.shape[0]
     k = -(-channels // group)
-    capacity = torch.full((k,), group, dtype=torch.long)
-    capacity[-1] = channels - group * (k - 1)
-    km = KMeans(n_clusters=k, n_init=4, random_state=seed).fit(features.numpy())
+    room = [group] * (k - 1) + [channels - group * (k - 1)]
+    km = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit(features.numpy())
     centers = torch.from_numpy(km.cluster_centers_)
     # Clusters in the order of their centers' mean log range, so groups run from narrow to wide as with "range".
-    order = torch.argsort(centers.mean(1), stable=True)
-    centers = centers[order]
+    centers = centers[torch.argsort(centers.mean(1), stable=True)]
     dist = torch.cdist(features, centers)
-    label = torch.full((channels,), -1, dtype=torch.long)
-    room = capacity.clone()
-    for flat in torch.argsort(dist.flatten(), stable=True).tolist():
+    label = [-1] * channels
+    left = channels
+    for flat in torch.argsort(dist.flatten(), stable=True).tolist():  # the closest (channel, cluster) pairs first
         c, j = divmod(flat, k)
         if label[c] < 0 and room[j] > 0:
-            label[c] = j
-            room[j] -= 1
+            label[c], room[j], left = j, room[j] - 1, left - 1
+            if not left:
+                break
+    label = torch.tensor(label)
     nearest = dist.argmin(1)
-    perm = torch.argsort(label * (score.max() + 1) + score.double(), stable=True)
+    by_score = torch.argsort(score, stable=True)
+    perm = by_score[torch.argsort(label[by_score], stable=True)]  # by cluster, by score inside one
 
     def spread(p: torch.Tensor) -> float:
         s = score[p][: group * (channels // group)].reshape(-1, group)
