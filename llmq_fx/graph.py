@@ -245,19 +245,52 @@ def storage_key(t: torch.Tensor):
 
 def record_outputs(gm: fx.GraphModule, batches, watch: dict) -> None:
     """Run ``gm`` on each batch (moved to ``compute_device``), calling ``watch[node](output)`` with the
-    output of each watched node as it is computed (no graph change, no hook left behind)."""
+    output of each watched node as it is computed (no graph change, no hook left behind).
+
+    A weight stored elsewhere than the compute device (``quantize(..., device=)`` with the graph on the
+    host), or narrower than it was captured, is moved and widened for each op that reads it and dropped
+    after: the device holds one op's weights, not the model, as in the sequential walk (``lockstep``)."""
+    device = compute_device(gm)
+
+    def placed(n: fx.Node, value: object) -> object:
+        if n.op != "get_attr" or not isinstance(value, torch.Tensor):
+            return value
+        want = traced_dtype(n)
+        value = moved(value, device) if value.device != device else value
+        return value.to(want) if want is not None and value.is_floating_point() and value.dtype != want else value
 
     class Recorder(fx.Interpreter):
         def run_node(self, n):
-            out = super().run_node(n)
+            if n.op == "get_attr":  # where it is stored; placed by each reader (``call_function`` below)
+                return self.fetch_attr(n.target)
+            if n.op == "call_function":
+                args, kwargs = self.fetch_args_kwargs_from_env(n)
+                args = tuple(_place_args(n.args, args, placed))
+                kwargs = {k: _place_args([n.kwargs[k]], [v], placed)[0] for k, v in kwargs.items()}
+                with self._set_current_node(n):
+                    out = n.target(*args, **kwargs)
+            else:
+                out = super().run_node(n)
             if n in watch:
                 watch[n](out.detach())
             return out
 
-    device = compute_device(gm)
     with torch.no_grad():
         for batch in batches:
             Recorder(gm).run(batch.to(device))
+
+
+def _place_args(nodes, values, placed) -> list:
+    """``values`` (an op's arguments as fetched) with each one that a ``get_attr`` node gave placed."""
+    out = []
+    for n, v in zip(nodes, values):
+        if isinstance(n, fx.Node):
+            out.append(placed(n, v))
+        elif isinstance(n, (list, tuple)) and isinstance(v, (list, tuple)):
+            out.append(type(v)(_place_args(n, v, placed)))
+        else:
+            out.append(v)
+    return out
 
 
 def attr_users_elsewhere(gm: fx.GraphModule, get_attr_node: fx.Node, allowed: fx.Node) -> list[str]:

@@ -135,7 +135,7 @@ def _check_device(config: QuantConfig, passes, home: torch.device, device: torch
                   narrow: dict[str, torch.dtype]) -> torch.device:
     """``device`` if this config can compute there with ``gm``'s weights where and as they are stored
     (``narrow``: ``_captured_dtypes``), else a ``ConfigError`` saying what to change."""
-    whole = [p.stage for p in passes if p.stage in ("calibrate", "sort", "learn_rotation")]  # whole-model forwards
+    whole = [p.stage for p in passes if p.stage in ("calibrate", "learn_rotation")]  # whole-model forwards
     if narrow and whole:
         first = next(iter(narrow))
         raise ConfigError(

@@ -198,10 +198,11 @@ def _stored_as(gm, dtype):
     return out
 
 
-@pytest.mark.parametrize("cfg, exact", [({"rotate": False}, True), ({}, False)])
+@pytest.mark.parametrize("cfg, exact", [({"rotate": False}, True), ({}, False), ({"sort_residual": True}, False)])
 def test_bfloat16_stored_weights_compute_as_captured(deep_gm, calib, eval_ids, cfg, exact):
     """Weights stored in bfloat16 (half the host memory) in a graph captured in float32: the walk, GPTQ and the
-    embedding quantizer compute them in float32, and the result is stored as captured. Without rotation the model
+    embedding quantizer compute them in float32 (the residual sort's statistics forward too), and the result is
+    stored as captured. Without rotation the model
     equals the one quantized from float32 weights holding the same (bfloat16-rounded) values, bit for bit; with
     rotation the rotated weights are rounded to bfloat16 once more, so the logits are close, not equal."""
     narrow = _stored_as(deep_gm, torch.bfloat16)
