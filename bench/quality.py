@@ -190,7 +190,7 @@ def config_short(cfg: dict | None) -> str:
     s = "no smoothing" if cfg.get("smooth_alpha") is None or not cfg.get("smooth_sites") else (
         f"smooth alpha {cfg['smooth_alpha']} at {'/'.join(cfg['smooth_sites'])}")
     rotation = {True: ["Hadamard rotation"], "auto": ["Hadamard rotation (where the graph allows)"]}.get(cfg.get("rotate"), [])
-    if rotation and cfg.get("sort_residual"):
+    if rotation and config.residual_order() is not None:
         rotation[0] += (", residual channels in balanced k-means clusters of the activation group" if cfg["sort_residual"] == "kmeans"
                         else ", residual channels sorted by range")
     if rotation and cfg.get("learn_rotation_steps"):

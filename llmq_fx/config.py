@@ -55,11 +55,12 @@ class QuantConfig:
             weights, with online Hadamard nodes before fc2/down_proj (``RotatePass``). ``"auto"``
             rotates where the graph allows it (pre-norm blocks) and otherwise goes on unrotated
             with a warning (OPT-350m's post-LayerNorm); ``true`` makes that an error.
-        sort_residual: after the rotation, order the residual basis by channel range (one
-            permutation for the whole model, folded into the weights: no node added), so each group
-            of ``a_group_size`` channels at the norm outputs holds channels of similar range
-            (``SortResidualPass``; RPTQ's reordering in the rotated basis). ``true`` or ``"range"``
-            sorts by range; ``"kmeans"`` makes each group one balanced k-means cluster of channels.
+        sort_residual: order the rotated residual channels (one permutation for the whole model, folded
+            into the rotation ``Q -> Q P``: no node added), so each group of ``a_group_size`` channels at
+            the norm outputs holds channels of similar range (RPTQ's reordering in the rotated basis;
+            ``RotatePass`` with ``channel_order.ResidualOrder``). ``true`` or ``"range"`` sorts by range;
+            ``"kmeans"`` makes each group one balanced k-means cluster of channels. Only with the rotation
+            and dynamic activation groups (elsewhere the order changes nothing and it is not computed).
         learn_rotation_steps: train one more orthogonal rotation of the residual stream for this many
             steps on the W4A4 model's loss and fold it in (``LearnRotationPass``, SpinQuant's R1), or
             None. ``learn_rotation_lr``: its Adam learning rate.
@@ -193,6 +194,9 @@ class QuantConfig:
             raise ConfigError(f"config key 'a_clip_ratio' must be in (0, 1], got {c!r}")
         if not (isinstance(self.sort_residual, bool) or self.sort_residual in ("range", "kmeans")):
             raise ConfigError(f"config key 'sort_residual' must be true, false, \"range\" or \"kmeans\", got {self.sort_residual!r}")
+        if self.sort_residual == "kmeans" and not (self.a_dynamic and self.a_group_size):
+            raise ConfigError("config key 'sort_residual': \"kmeans\" makes the clusters the dynamic activation groups: "
+                              "it needs 'a_dynamic' and an 'a_group_size'")
         if not (isinstance(self.rotate, bool) or self.rotate == "auto"):
             raise ConfigError(f"config key 'rotate' must be true, false or \"auto\", got {self.rotate!r}")
         for key in ("a_symmetric", "a_dynamic", "gptq", "gptq_act_order", "w_clip", "gptq_sequential", "lm_head_gptq"):
@@ -255,6 +259,17 @@ class QuantConfig:
         from llmq_fx.spec import WeightSpec
 
         return None if self.w_bits is None else WeightSpec(self.w_bits, self.w_group_size, self.w_clip)
+
+    def residual_order(self) -> "ResidualOrder | None":
+        """How ``RotatePass`` orders the rotated residual channels (``sort_residual``), or None: not asked,
+        no rotation, or nothing to order for (one range per token, static clusters: the order does not
+        change them)."""
+        from llmq_fx.channel_order import ResidualOrder
+
+        if not self.sort_residual or not self.rotate or not (self.a_dynamic and self.a_group_size):
+            return None
+        method = "range" if self.sort_residual is True else self.sort_residual
+        return ResidualOrder(method, self.a_group_size, seed=self.seed, n_init=self.kmeans_n_init)
 
     def embedding_spec(self) -> "WeightSpec | None":
         """The token embedding table's scheme (None: float), clip search on."""

@@ -30,7 +30,6 @@ from llmq_fx.passes.quantize_embeddings import QuantizeEmbeddingsPass
 from llmq_fx.passes.rotate import RotatePass
 from llmq_fx.passes.sequential_gptq import SequentialGPTQPass
 from llmq_fx.passes.smooth import SmoothPass
-from llmq_fx.passes.sort_residual import SortResidualPass
 
 __all__ = ["recipe", "Recipe", "PIPELINE"]
 
@@ -39,7 +38,6 @@ __all__ = ["recipe", "Recipe", "PIPELINE"]
 PIPELINE: tuple[type[LlmqPass], ...] = (
     RotatePass,
     LearnRotationPass,
-    SortResidualPass,
     InsertObserversPass,
     CalibratePass,
     SequentialGPTQPass,
@@ -71,7 +69,9 @@ class Recipe(list):
         gptq = next((p for p in self if isinstance(p, GPTQPass)), None)
         rotate = next((p for p in self if isinstance(p, RotatePass)), None)
         if rotate is not None:
-            parts.append("Hadamard rotation" + ("" if rotate.options.required else " where the graph allows it"))
+            order = rotate.options.sort
+            parts.append("Hadamard rotation" + ("" if rotate.options.required else " where the graph allows it")
+                         + ("" if order is None else f", residual channels ordered by {order.method}"))
         if qdq is not None and qdq.options.weight is not None:
             how = "round-to-nearest"
             if gptq is not None:

@@ -1,5 +1,6 @@
-"""Residual channel sorting after the rotation: the float model unchanged, the channels sorted by range,
-the quantized model exported as a decoder."""
+"""Residual channel order chosen by the rotation (``RotatePass`` with ``sort``, computed from the
+unrotated graph): the float model unchanged, the rotated readers' inputs sorted by range (measured
+again on the rotated graph), the quantized model exported as a decoder."""
 
 from __future__ import annotations
 
@@ -78,7 +79,8 @@ def _rotated_and_sorted(family: str, sort, **config):
 @pytest.mark.parametrize("family", sorted(MODELS))
 def test_sorting_keeps_the_float_model_and_sorts_the_channels(family):
     model, ref, rotated, qgm = _rotated_and_sorted(family, True)
-    assert [p.stage for p in llmq_fx.recipe({**FLOAT_ONLY, "sort_residual": True})][:2] == ["rotate", "sort"]
+    rotate = llmq_fx.recipe({**FLOAT_ONLY, "sort_residual": True})[0]
+    assert rotate.stage == "rotate" and rotate.options.sort.method == "range"  # part of the rotation, no pass of its own
     with torch.no_grad():
         assert _relative(qgm(IDS[:1]), ref) < 1e-5, family
     report = qgm.meta["llmq_fx"]["residual_sort"]
@@ -100,9 +102,12 @@ def test_sorted_quantized_model_exports_as_a_decoder():
     assert dgm.meta["llmq_fx"]["residual_sort"]["sorted"]
 
 
-def test_sorting_needs_the_rotation():
-    with pytest.raises(ConfigError, match="'sort_residual' permutes the rotated residual basis: it needs 'rotate'"):
-        llmq_fx.recipe({"rotate": False, "sort_residual": True})
+def test_no_order_where_it_changes_nothing():
+    """The order is part of the rotation, and only dynamic activation groups depend on it."""
+    assert llmq_fx.QuantConfig(rotate=False, sort_residual=True).residual_order() is None
+    assert llmq_fx.QuantConfig(sort_residual=True, a_group_size=None).residual_order() is None
+    assert llmq_fx.QuantConfig(sort_residual=True, a_dynamic=False).residual_order() is None
+    assert llmq_fx.recipe({"rotate": False, "sort_residual": True}).stages()[0] == "observe"
 
 
 def _within_group_dispersion(maxima: list[torch.Tensor], group: int, order: torch.Tensor | None = None) -> float:
@@ -128,7 +133,7 @@ def test_kmeans_groups_keep_the_float_model_and_gather_similar_channels(family):
 
 
 def test_balanced_kmeans_makes_every_group_one_cluster():
-    from llmq_fx.passes.sort_residual import balanced_kmeans_order
+    from llmq_fx.channel_order import balanced_kmeans_order
 
     gen = torch.Generator().manual_seed(0)
     # Three sites, 24 channels in three planted kinds (8 each), shuffled: narrow, middle, wide.
@@ -153,7 +158,7 @@ def test_kmeans_groups_need_dynamic_groups():
         llmq_fx.recipe({"sort_residual": "kmeans", "a_group_size": None})
     with pytest.raises(ConfigError, match="'sort_residual' must be true, false, \"range\" or \"kmeans\""):
         llmq_fx.recipe({"sort_residual": "cluster"})
-    from llmq_fx.passes.sort_residual import SortResidualOptions
+    from llmq_fx.channel_order import ResidualOrder
 
     with pytest.raises(ConfigError, match="needs the activation group size, got group=None"):
-        SortResidualOptions(method="kmeans")
+        ResidualOrder(method="kmeans")

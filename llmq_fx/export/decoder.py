@@ -72,7 +72,8 @@ def quantized_decoder(qgm: fx.GraphModule, model: nn.Module, check: bool = True,
     meta = qgm.meta.get("llmq_fx", {})
     for entry in meta.get("recipe", []):
         if entry["pass"] == "RotatePass" and not meta.get("rotation_skipped"):
-            RotatePass(RotatePass.Options(**entry["options"]))(dgm)
+            # The same structure; the order of the channels (sort) is in the tensors copied from qgm below.
+            RotatePass(RotatePass.Options(**{**entry["options"], "sort": None}))(dgm)
     _transplant_linears(qgm, dgm)
     dgm.graph.eliminate_dead_code()
     _copy_tensors(qgm, dgm)

@@ -11,7 +11,6 @@ from llmq_fx.passes.rotate import RotateOptions, RotatePass
 from llmq_fx.passes.sequential_gptq import SequentialGPTQOptions, SequentialGPTQPass
 from llmq_fx.passes.smooth import SmoothOptions, SmoothPass, smoothing_scales
 from llmq_fx.passes.learn_rotation import LearnRotationOptions, LearnRotationPass
-from llmq_fx.passes.sort_residual import SortResidualOptions, SortResidualPass
 
 __all__ = [
     "LlmqPass",
@@ -20,8 +19,6 @@ __all__ = [
     "RotateOptions",
     "LearnRotationPass",
     "LearnRotationOptions",
-    "SortResidualPass",
-    "SortResidualOptions",
     "InsertObserversPass",
     "ObserveOptions",
     "CalibratePass",

@@ -40,6 +40,10 @@ Rewrite, in float64 then cast back:
    ``M = Q^T diag(g) Q`` and ``n' = n Q`` the rotated normalized residual. One table serves both ends
    (the builder's shared int4 embedding), for ``d^2`` more multiply-adds per token against ``d x vocab``.
    RMS norms only: a LayerNorm's bias and the centred table (step 1) do not fit one shared table.
+   With ``sort`` the columns of ``Q`` are permuted first (``Q -> Q P``, still orthogonal, fused the same
+   way): ``P`` orders the channels the rotated readers will see, ``n(x) Q`` with ``n(x)`` the normalized
+   norm input, measured on calibration batches before any weight changes (``channel_order``), so that
+   each contiguous group of a dynamic activation quantizer holds channels of similar range.
 4. *Value heads.* Per attention head, ``H_hd`` rotates V: v_proj output rows of each head block
    ``W_v <- H^T W_v`` (bias alike) and out_proj columns of each head block ``W_o <- W_o H``; the
    attention output of a head is a convex combination of that head's V rows, so it is rotated
@@ -78,13 +82,15 @@ from llmq_fx.graph import (
     module_path,
     norm_affine,
     read_attr,
+    record_outputs,
     set_attr,
     site_role,
     storage_key,
     traced_dtype,
     write_attr,
 )
-from llmq_fx.passes.base import LlmqPass
+from llmq_fx.channel_order import ResidualOrder
+from llmq_fx.passes.base import CalibratedPass
 
 __all__ = ["RotatePass", "RotateOptions", "residual_basis", "hadamard", "paley_hadamard", "random_orthogonal", "rotation_matrix", "kron_factors", "ONLINE_ROTATION_META"]
 
@@ -236,6 +242,9 @@ class RotateOptions:
         keep_tied: keep an lm_head tied to the token embedding tied, with its norm's weight in a float
             matmul in front of it (module docstring, 3); set when both tables are quantized alike, so the
             exported model stores one table.
+        sort: order the rotated residual channels (``Q -> Q P``, module docstring, 3) as this
+            ``ResidualOrder`` says, from the normalized residual at the readers' inputs over the first
+            calibration batches (config ``sort_residual``); None keeps ``Q``'s own order.
     """
 
     seed: int = 0
@@ -244,6 +253,7 @@ class RotateOptions:
     heads: bool = True
     online: bool = True
     keep_tied: bool = False
+    sort: ResidualOrder | None = None
 
 
 @dataclass
@@ -258,11 +268,12 @@ class _ResidualPlan:
     head_norms: list = field(default_factory=list)  # norms inside attention (QK-norm): off the residual stream
 
 
-class RotatePass(LlmqPass):
+class RotatePass(CalibratedPass):
     """Fuse residual, value-head and fc2-input rotations into the weights (plus online fc2 nodes).
 
     Every pattern is matched and checked before the first weight is changed, so an unsupported graph
-    is reported (``required``) or skipped (``"auto"``) with the graph untouched.
+    is reported (``required``) or skipped (``"auto"``) with the graph untouched. With ``sort`` the pass
+    reads calibration batches (``with_calibration``) to order the residual channels.
     """
 
     Options = RotateOptions
@@ -273,7 +284,7 @@ class RotatePass(LlmqPass):
         if not config.rotate:
             return None
         return cls(RotateOptions(seed=config.seed, required=config.rotate is True,
-                                 keep_tied=config.embedding_spec() == config.lm_head_spec()))
+                                 keep_tied=config.embedding_spec() == config.lm_head_spec(), sort=config.residual_order()))
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         opts = self.options
@@ -286,6 +297,8 @@ class RotatePass(LlmqPass):
             if opts.required:
                 raise
             meta["rotation_skipped"] = str(err)
+            if opts.sort is not None:
+                meta["residual_sort"] = {"sorted": False, "reason": "no rotation"}
             logger.warning("rotate=auto: not rotating (%s)", err)
             return PassResult(gm, False)
         meta["rotation_skipped"] = None
@@ -314,11 +327,21 @@ class RotatePass(LlmqPass):
         q = q.to(compute_device(gm))  # on the meta device for a decoder captured without weights (export.decoder)
         center = kind == "layer_norm"
 
-        # Where the residual basis now lives (SortResidualPass permutes it): last-axis tensors
+        # Where the residual basis now lives (LearnRotationPass rotates it further): last-axis tensors
         # (embedding tables, readers' weights, norm weights, the online rotation) and first-axis ones
         # (writers' weights and biases).
         basis = {"last_axis": [], "first_axis": [], "both_axes": []}
         tied = _tied_heads(gm, writers, readers) if self.options.keep_tied and not center else {}
+        meta = gm.meta.setdefault("llmq_fx", {})
+        if self.options.sort is not None:
+            # Before any weight changes: the order of the channels the rotated readers will see.
+            sites = list(dict.fromkeys(na.node for lin, na in readers if lin not in tied))
+            norms_of = {na.node: na for _, na in readers}
+            perm, meta["residual_sort"] = self.options.sort.permutation(
+                self._rotated_maxima(gm, [norms_of[n] for n in sites], q, center))
+            q = q[:, perm.to(q.device)]
+        else:
+            meta["residual_sort"] = {"sorted": False, "reason": "not asked (sort_residual)"}
         for w in writers:
             if w.target == aten.embedding.default:
                 if any(emb is w for emb in tied.values()):
@@ -395,10 +418,37 @@ class RotatePass(LlmqPass):
                 rotated.meta[ONLINE_ROTATION_META] = True
                 rotated.meta["nn_module_stack"] = na.node.meta.get("nn_module_stack", {})
                 online.append(na.node.meta.get("nn_module_stack") and module_path(na.node) or na.node.name)
-        gm.meta.setdefault("llmq_fx", {})["residual_basis"] = {k: list(dict.fromkeys(v)) for k, v in basis.items()}
+        meta["residual_basis"] = {k: list(dict.fromkeys(v)) for k, v in basis.items()}
         return {"dim": d, "norm": kind, "centered": center, "full_hadamard": full_hadamard,
                 "writers": len(writers), "readers": len(readers), "online_after_norms": online, "kept_tied": kept_tied,
                 "norms_left_alone": [module_path(na.node) or na.node.name for na in plan.head_norms]}
+
+    @torch.no_grad()
+    def _rotated_maxima(self, gm: fx.GraphModule, norms: list, q: torch.Tensor, center: bool) -> list[torch.Tensor]:
+        """Per norm that feeds rotated readers: each channel's largest magnitude in what those readers will
+        read once the rotation is fused, ``n(x) Q`` with ``n(x)`` the norm's input normalized without its
+        affine (centred first for a LayerNorm: the rotation's centring makes the stream zero-mean), from a
+        float forward of the graph as it is now over the first ``sort.batches`` calibration batches."""
+        maxima: dict[fx.Node, torch.Tensor] = {}
+        inputs = {}
+        for na in norms:
+            inputs.setdefault(_norm_input(na), []).append(na.node)
+
+        def recorder(x_node: fx.Node):
+            def add(x: torch.Tensor) -> None:
+                x = x.reshape(-1, x.shape[-1]).float()
+                if center:
+                    x = x - x.mean(-1, keepdim=True)
+                x = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-6)
+                m = (x @ q.to(device=x.device, dtype=torch.float32)).abs().amax(0)
+                for key in inputs[x_node]:
+                    maxima[key] = m if key not in maxima else torch.maximum(maxima[key], m)
+            return add
+
+        record_outputs(gm, self._require_batches()[: self.options.sort.batches], {n: recorder(n) for n in inputs})
+        if not maxima:
+            raise UnsupportedModelError("sort_residual: no calibration batch reached the norms before the readers")
+        return [maxima[na.node] for na in norms]
 
     def _norm_matmul(self, gm: fx.GraphModule, lin: fx.Node, na, q: torch.Tensor, basis: dict, emb: fx.Node) -> str:
         """Make the tied reader ``lin`` read ``norm(x) @ M`` (``M = Q^T diag(g) Q``, float, off the quantized
@@ -646,7 +696,7 @@ def residual_basis(gm: fx.GraphModule) -> list[tuple[str, int]] | None:
     """The tensors ``RotatePass`` recorded as the residual basis, as ``(target, axis)`` (-1: the stream is
     their last axis, 0: their first, None: both, a ``d x d`` map from the stream to itself), each tensor
     once even when two names hold it; None when the graph
-    has no rotated residual stream. ``SortResidualPass`` and ``LearnRotationPass`` transform exactly these."""
+    has no rotated residual stream. ``LearnRotationPass`` transforms exactly these."""
     basis = gm.meta.get("llmq_fx", {}).get("residual_basis")
     if not basis or not basis.get("readers"):
         return None
