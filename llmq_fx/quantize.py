@@ -72,7 +72,7 @@ def quantize(
     config = QuantConfig.coerce(config)
     passes = recipe(config)
     batches = calibration_batches(calib, config.calib_batch_size)  # a bad calibration set fails before any work
-    _check_group_size(gm, config)  # as does a group size that a Linear's width does not allow
+    _check_group_size(gm, config)  # Linears a weight group size does not fit: said before any work
     home = next((p.device for p in gm.parameters()), torch.device("cpu"))
     narrow = _captured_dtypes(gm)
     named = [home] if device is None else [torch.device(d) for d in device] if isinstance(device, (list, tuple)) else [torch.device(device)]
@@ -160,19 +160,22 @@ def _check_device(config: QuantConfig, passes, home: torch.device, device: torch
 
 
 def _check_group_size(gm: fx.GraphModule, config: QuantConfig) -> None:
-    """``ConfigError`` naming the first quantized Linear whose input width ``w_group_size`` does not divide."""
+    """Name, in one warning before any work, the quantized Linears whose input width ``w_group_size`` does not
+    divide (or is not wider than): they keep one weight scale per output channel (``WeightSpec.for_features``)."""
     g = config.w_group_size
     if g is None or config.w_bits is None:
         return
+    whole = []
     for node in gm.graph.nodes:
         if not is_linear(node) or is_skipped(module_path(node), config.skip):
             continue
         weight = node.args[1]
         val = weight.meta.get("val") if isinstance(weight, fx.Node) else None
-        if val is not None and val.dim() == 2 and val.shape[1] % g:
-            raise ConfigError(
-                f"config key 'w_group_size'={g} does not divide in_features={val.shape[1]} of {module_path(node)}"
-            )
+        if val is not None and val.dim() == 2 and (val.shape[1] % g or val.shape[1] <= g):
+            whole.append(f"{module_path(node)} (in_features={val.shape[1]})")
+    if whole:
+        logger.warning("w_group_size=%d does not divide the input width of %d Linear(s), one weight scale per output "
+                       "channel there: %s", g, len(whole), ", ".join(whole[:4]) + (", ..." if len(whole) > 4 else ""))
 
 
 def _note_act_aware(config: QuantConfig, meta: dict) -> None:

@@ -43,6 +43,14 @@ class WeightSpec:
     group_size: int | None = None
     clip: bool = False
 
+    def for_features(self, in_features: int) -> "WeightSpec":
+        """This scheme for a weight of ``in_features`` inputs: one scale per output channel where
+        ``group_size`` does not divide the width or is not narrower (as ``ActivationSpec.for_site``)."""
+        g = self.group_size
+        if g is not None and (in_features % g or in_features <= g):
+            return dataclasses.replace(self, group_size=None)
+        return self
+
     def quantize(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Round-to-nearest ``(int8 codes [out, in], float32 scale)`` (``qmath.quantize_weight``)."""
         return qmath.quantize_weight(weight, self.bits, self.group_size, self.clip)

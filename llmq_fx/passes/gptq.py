@@ -175,11 +175,7 @@ class GPTQPass(LlmqPass):
         if not (isinstance(w_node, fx.Node) and w_node.op == "get_attr"):
             raise UnsupportedModelError(f"GPTQ: the weight of {path} is computed in the graph, not a parameter")
         weight = read_attr(gm, w_node.target)  # float32 where the passes compute; codes stored with the graph
-        opts, spec = self.options, self.options.weight
-        if spec.group_size is not None and weight.shape[1] % spec.group_size:
-            raise ConfigError(
-                f"config key 'w_group_size'={spec.group_size} does not divide in_features={weight.shape[1]} of {path}"
-            )
+        opts, spec = self.options, self.options.weight.for_features(weight.shape[1])
         t0 = time.perf_counter()
         original = weight
         if cross is not None:

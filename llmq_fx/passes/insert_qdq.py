@@ -135,6 +135,8 @@ class InsertQDQPass(LlmqPass):
                 path = module_path(c)
                 is_q = c in quantized
                 w_spec = opts.weight if is_q else None
+                if w_spec is not None:  # the Linear's own scheme (its input width)
+                    w_spec = w_spec.for_features(site_stats[site.name]["min"].numel())
                 if w_spec is not None:
                     self._weight_dequant(gm, c, path)
                 a_q = is_q and qdq is not None
@@ -259,12 +261,8 @@ class InsertQDQPass(LlmqPass):
         w_node = linear.args[1]
         if is_integer_weight(w_node):
             return  # already integer (an earlier weight pass, e.g. GPTQ, quantized it)
-        spec = self.options.weight
         weight = read_attr(gm, w_node.target)
-        if spec.group_size is not None and weight.shape[1] % spec.group_size:
-            raise ConfigError(
-                f"config key 'w_group_size'={spec.group_size} does not divide in_features={weight.shape[1]} of {path}"
-            )
+        spec = self.options.weight.for_features(weight.shape[1])
         qweight, scale = spec.quantize(weight)
         insert_weight_dequant(gm, linear, path, qweight, scale, spec.bits)
 

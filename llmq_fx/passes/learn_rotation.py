@@ -197,7 +197,7 @@ class _FakeQuantForward(fx.Interpreter):
         x, w = args[0], args[1]
         with torch.no_grad():
             xq = quant(x.detach())
-            wq = qmath.dequantize_weight(*self.weight.quantize(w.detach())).to(w.dtype)
+            wq = qmath.dequantize_weight(*self.weight.for_features(w.shape[1]).quantize(w.detach())).to(w.dtype)
         x = x + (xq - x).detach()
         w = w + (wq - w).detach()
         return n.target(x, w, *args[2:], **kwargs)
