@@ -113,20 +113,20 @@ class QuantConfig:
 
     w_bits: int | None = 4
     a_bits: int | None = 4
-    w_group_size: int | None = None
+    w_group_size: int | None = 64
     a_symmetric: bool = False
     a_dynamic: bool = True
     smooth_alpha: float | None = None
     smooth_sites: list[str] = field(default_factory=lambda: ["qkv", "fc1", "fc2", "out_proj"])
     n_clusters: int | dict[str, int] = 8
     cluster_features: str = "minmax"
-    a_group_size: int | None = 64
+    a_group_size: int | None = 32
     a_clip_ratio: float = 0.9
     w_clip: bool = True
     a_outlier_bits: int | None = None
     a_outlier_clusters: int = 1
     rotate: bool | str = "auto"
-    sort_residual: bool | str = False
+    sort_residual: bool | str = "range"
     learn_rotation_steps: int | None = None
     learn_rotation_lr: float = 1e-3
     gptq: bool = True

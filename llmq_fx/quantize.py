@@ -40,9 +40,10 @@ def quantize(
     Args:
         gm: the output of ``llmq_fx.trace``.
         calib: calibration token ids, a LongTensor ``[N, T]`` or an iterable of LongTensors.
-        config: a ``QuantConfig`` (or dict); default W4A4: rotation (where the graph allows it),
-            sequential act-aware GPTQ weights per output channel with clipping search, dynamic
-            activations in groups of 64 channels with a per-site clip ratio, lm_head float.
+        config: a ``QuantConfig`` (or dict); default W4A4: rotation (where the graph allows it) with
+            the residual channels ordered by range, sequential act-aware GPTQ weights with one scale
+            per 64 inputs and clipping search, dynamic activations in groups of 32 channels with a
+            per-site clip ratio, embedding table W4, lm_head W8.
         progress: show a progress bar per stage.
         device: where the passes compute, when not where ``gm``'s parameters are: a graph kept on
             the host is then quantized layer by layer on ``device`` (e.g. ``"cuda"``): the walk moves

@@ -6,10 +6,10 @@ line per pass and is what ``quantize()`` runs and what ``report.json`` records, 
 config stands for can be read without running it:
 
     >>> print(llmq_fx.recipe(llmq_fx.QuantConfig()))
-    rotate    RotatePass(seed=0, required=False, ...)
+    rotate    RotatePass(seed=0, required=False, ..., sort=ResidualOrder(method='range', group=32, ...))
     observe   InsertObserversPass(hessian=False, input_quant=None)
-    gptq      SequentialGPTQPass(weight=<W4 symmetric per-channel, clip search>, ...)
-    quantize  InsertQDQPass(weight=<W4 ...>, activation=<A4 asymmetric dynamic groups of 64, clip 0.9>, ...)
+    gptq      SequentialGPTQPass(weight=<W4 symmetric groups of 64, clip search>, ...)
+    quantize  InsertQDQPass(weight=<W4 ...>, activation=<A4 asymmetric dynamic groups of 32, clip 0.9>, ...)
 
 A new pass is a new entry in ``PIPELINE`` (with its ``from_config``), not a new branch in ``quantize()``.
 """

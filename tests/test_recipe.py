@@ -82,7 +82,8 @@ def test_recipe_prints_every_pass_and_option():
     lines = text.splitlines()
     assert [line.split()[0] for line in lines] == ["rotate", "observe", "gptq", "quantize", "embeddings"]
     assert "SequentialGPTQPass(" in lines[2] and "act_aware=0.3" in lines[2]
-    assert "<A4 asymmetric dynamic groups of 64, clip 0.9>" in lines[3] and "<W4 symmetric per-channel, clip search>" in lines[3]
+    assert "<A4 asymmetric dynamic groups of 32, clip 0.9>" in lines[3] and "<W4 symmetric groups of 64, clip search>" in lines[3]
+    assert "sort=ResidualOrder(method='range', group=32" in lines[0]
     assert "clip_search=[0.8, 0.85, 0.9, 0.95, 1.0]" in lines[2]
 
 
