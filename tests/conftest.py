@@ -67,7 +67,7 @@ def eval_ids():
 # weights, no rotation, no clipping): the default before rotation/GPTQ/dynamic activations became
 # the project default. Tests of smoothing, clustering and static QDQ pin it so that they keep
 # testing that path whatever QuantConfig() defaults to; keys given override it.
-STATIC = dict(rotate=False, a_dynamic=False, a_clip_ratio=1.0, gptq=False, w_clip=False, smooth_alpha=0.5, n_clusters=8,
+STATIC = dict(rotate=False, a_dynamic=False, a_clip_ratio=1.0, gptq=False, w_clip=False, smooth_alpha=0.5, n_clusters=8, w_group_size=None,
               embed_bits=None, lm_head_bits=None)
 
 

@@ -334,7 +334,7 @@ def test_grouped_dynamic_model_exports_and_matches_pytorch(opt_gm, calib, eval_i
     path = to_onnx(qgm, tmp_path / "grouped.onnx", format="qdq")
     _assert_ort_matches(path, qgm, eval_ids)
     # Finer ranges than one per token: the logits move less from the float graph's.
-    per_token = llmq_fx.quantize(opt_gm, calib, llmq_fx.QuantConfig(a_dynamic=True, w_bits=None), progress=False)
+    per_token = llmq_fx.quantize(opt_gm, calib, llmq_fx.QuantConfig(a_dynamic=True, a_group_size=None, w_bits=None), progress=False)
     grouped = llmq_fx.quantize(opt_gm, calib, llmq_fx.QuantConfig(a_dynamic=True, a_group_size=8, w_bits=None), progress=False)
     with torch.no_grad():
         ref = opt_gm(eval_ids)
@@ -365,6 +365,6 @@ def test_group_size_that_does_not_divide_a_site_keeps_it_per_token(opt_gm, calib
     with caplog.at_level(logging.WARNING, logger="llmq_fx.passes.insert_qdq"):
         qgm = llmq_fx.quantize(opt_gm, calib, llmq_fx.QuantConfig(a_group_size=24), progress=False)
     assert all(n.args[4] == 0 for n in qgm.graph.nodes if n.target == QDQ_DYNAMIC and "llmq_site" in n.meta)
-    warned = [r.getMessage() for r in caplog.records if "does not divide" in r.getMessage()]
+    warned = [r.getMessage() for r in caplog.records if "a_group_size=24 does not divide" in r.getMessage()]
     assert len(warned) == N_SITES  # every quantized site once (lm_head is skipped: no QDQ)
     assert any("a_group_size=24 does not divide the 64 input channels of model.decoder.layers.0.fc2" in m for m in warned)

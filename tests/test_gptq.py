@@ -227,8 +227,8 @@ def test_gptq_with_w4a4_keeps_activation_qdq(opt_gm, calib):
 
 
 def test_gptq_config_errors(opt_gm, calib):
-    with pytest.raises(llmq_fx.ConfigError, match="w_group_size.*in_features=32 of model.decoder.layers.0"):
-        llmq_fx.quantize(opt_gm, calib, llmq_fx.QuantConfig(gptq=True, w_group_size=24), progress=False)
+    with pytest.raises(llmq_fx.ConfigError, match="w_group_size"):
+        llmq_fx.QuantConfig(gptq=True, w_group_size=0)
     with pytest.raises(llmq_fx.ConfigError, match="gptq_damp"):
         llmq_fx.QuantConfig(gptq=True, gptq_damp=1.5)
     g = copy.deepcopy(opt_gm)

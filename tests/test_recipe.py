@@ -38,8 +38,9 @@ def test_default_recipe_is_rotate_observe_sequential_gptq_quantize_embeddings():
     assert embeddings.options.embedding == WeightSpec(4, 32, clip=True) and embeddings.options.lm_head == WeightSpec(8, 64, clip=True)
     assert rotate.options.required is False and rotate.options.seed == 0
     assert observe.options.hessian is False and observe.options.input_quant is None  # sequential takes its own moments
-    assert gptq.options.weight == WeightSpec(4, None, clip=True)
-    assert gptq.options.activation == ActivationSpec(4, symmetric=False, dynamic=True, group_size=64, clip_ratio=0.9)
+    assert rotate.options.sort.method == "range" and rotate.options.sort.group == 32
+    assert gptq.options.weight == WeightSpec(4, 64, clip=True)
+    assert gptq.options.activation == ActivationSpec(4, symmetric=False, dynamic=True, group_size=32, clip_ratio=0.9)
     assert gptq.options.act_aware == 0.3 and gptq.options.clip_search == (0.8, 0.85, 0.9, 0.95, 1.0)
     assert qdq.options.activation == gptq.options.activation and qdq.options.skip == ("lm_head",)
 

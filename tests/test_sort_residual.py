@@ -72,7 +72,7 @@ def _rotated_and_sorted(family: str, sort, **config):
     with torch.no_grad():
         ref = gm(IDS[:1])
     config = {**FLOAT_ONLY, "rotate": True, "calib_batch_size": 2, **config}
-    rotated = llmq_fx.quantize(gm, IDS, config, progress=False)
+    rotated = llmq_fx.quantize(gm, IDS, {**config, "sort_residual": False}, progress=False)
     return model, ref, rotated, llmq_fx.quantize(gm, IDS, {**config, "sort_residual": sort}, progress=False)
 
 
