@@ -434,13 +434,15 @@ class RotatePass(CalibratedPass):
         for na in norms:
             inputs.setdefault(_norm_input(na), []).append(na.node)
 
+        q32 = q.to(device=compute_device(gm), dtype=torch.float32)  # once, not per batch and norm
+
         def recorder(x_node: fx.Node):
             def add(x: torch.Tensor) -> None:
                 x = x.reshape(-1, x.shape[-1]).float()
                 if center:
                     x = x - x.mean(-1, keepdim=True)
                 x = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-6)
-                m = (x @ q.to(device=x.device, dtype=torch.float32)).abs().amax(0)
+                m = (x @ q32).abs().amax(0)
                 for key in inputs[x_node]:
                     maxima[key] = m if key not in maxima else torch.maximum(maxima[key], m)
             return add
