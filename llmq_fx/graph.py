@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx
+from torch.utils._pytree import tree_map
 
 from llmq_fx.spec import SITE_META, SiteRecord
 from llmq_fx.stats import ActivationObserver
@@ -33,6 +34,7 @@ __all__ = [
     "read_attr",
     "write_attr",
     "moved",
+    "on_device",
     "retarget_devices",
     "traced_dtype",
     "share_tensors_copy",
@@ -243,20 +245,35 @@ def storage_key(t: torch.Tensor):
     return id(t) if t.device.type == "meta" else t.data_ptr()
 
 
+def on_device(args: tuple, kwargs: dict, to: torch.device) -> tuple[tuple, dict]:
+    """An op's fetched arguments made to run on ``to`` when the graph lives elsewhere: every tensor moved
+    there (weights, and tensors that factories traced with the graph's device made), and a device argument
+    (a factory's ``device=``, ``aten.to.device``'s positional one) retargeted to ``to``. The one rule the
+    sequential walk (``lockstep``) and ``record_outputs`` follow for a graph stored off the compute device."""
+    args, kwargs = tree_map(lambda v: moved(v, to) if isinstance(v, torch.Tensor) and v.device != to else v,
+                            (args, kwargs))
+    args = tuple(to if isinstance(a, torch.device) else a for a in args)
+    if "device" in kwargs:
+        kwargs = {**kwargs, "device": to}
+    return args, kwargs
+
+
 def record_outputs(gm: fx.GraphModule, batches, watch: dict) -> None:
     """Run ``gm`` on each batch (moved to ``compute_device``), calling ``watch[node](output)`` with the
     output of each watched node as it is computed (no graph change, no hook left behind).
 
     A weight stored elsewhere than the compute device (``quantize(..., device=)`` with the graph on the
     host), or narrower than it was captured, is moved and widened for each op that reads it and dropped
-    after: the device holds one op's weights, not the model, as in the sequential walk (``lockstep``)."""
+    after: the device holds one op's weights, not the model, as in the sequential walk (``lockstep``).
+    Tensors that the graph's own factories make where it was captured join the compute device the same
+    way (``on_device``)."""
     device = compute_device(gm)
+    offloaded = any(p.device != device for p in gm.parameters())
 
-    def placed(n: fx.Node, value: object) -> object:
+    def widened(n: fx.Node, value: object) -> object:
         if n.op != "get_attr" or not isinstance(value, torch.Tensor):
             return value
         want = traced_dtype(n)
-        value = moved(value, device) if value.device != device else value
         return value.to(want) if want is not None and value.is_floating_point() and value.dtype != want else value
 
     class Recorder(fx.Interpreter):
@@ -265,8 +282,10 @@ def record_outputs(gm: fx.GraphModule, batches, watch: dict) -> None:
                 return self.fetch_attr(n.target)
             if n.op == "call_function":
                 args, kwargs = self.fetch_args_kwargs_from_env(n)
-                args = tuple(_place_args(n.args, args, placed))
-                kwargs = {k: _place_args([n.kwargs[k]], [v], placed)[0] for k, v in kwargs.items()}
+                if offloaded:
+                    args, kwargs = on_device(args, kwargs, device)
+                args = tuple(_place_args(n.args, args, widened))
+                kwargs = {k: _place_args([n.kwargs[k]], [v], widened)[0] for k, v in kwargs.items()}
                 with self._set_current_node(n):
                     out = n.target(*args, **kwargs)
             else:

@@ -48,7 +48,6 @@ device, the first one). The budget is per device.
 
 from __future__ import annotations
 
-import functools
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -59,7 +58,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from tqdm.auto import tqdm
 
 from llmq_fx.errors import CalibrationError, DeviceMemoryError, UnsupportedModelError
-from llmq_fx.graph import ObserverSite, compute_device, is_linear, moved, observer_sites, traced_dtype, walk_devices
+from llmq_fx.graph import ObserverSite, compute_device, is_linear, moved, on_device, observer_sites, traced_dtype, walk_devices
 
 __all__ = ["SiteInputs", "SiteResult", "run_lockstep"]
 
@@ -163,10 +162,7 @@ def run_lockstep(
         if offloaded:
             # The graph lives elsewhere: tensors a node made there (factories traced with that device,
             # or with none) join the batch's walk device, and factories make theirs on it.
-            args, kwargs = tree_map(functools.partial(place, to=to), (args, kwargs))
-            args = tuple(to if isinstance(a, torch.device) else a for a in args)  # aten.to.device(x, device, dtype)
-            if "device" in kwargs:
-                kwargs = {**kwargs, "device": to}
+            args, kwargs = on_device(args, kwargs, to)
         if product and (is_linear(node) or dtype in {a.dtype for a in tree_leaves((args, kwargs))
                                                     if isinstance(a, torch.Tensor) and a.is_floating_point()}):
             # A Linear, or a product that meets the lanes' dtype (attention, an online rotation), runs in

@@ -47,6 +47,9 @@ def test_walk_holds_about_one_layer_of_weights(deep_gm, calib):
     assert layer > 0 and embeddings > 0
     assert 0 < peak <= embeddings + 2 * layer, (peak, embeddings, layer)
     assert peak < 0.6 * total
+    # The sites' own work is timed per phase (the default searches activation clips); the lanes are the rest.
+    phases = qgm.meta["llmq_fx"]["lockstep"]["site_seconds"]
+    assert set(phases) == {"clip_search", "moments", "factor", "round"} and all(v >= 0 for v in phases.values())
 
 
 def test_bfloat16_lanes_close_to_float32(deep_gm, calib, eval_ids):
@@ -138,6 +141,29 @@ def test_walk_on_another_device_moves_every_input_there(deep_gm, dtype):
     walk = run_lockstep(gm, [torch.randint(0, 96, (2, 16))], on_site, progress=False, dtype=dtype)
     assert seen and {d for d, _ in seen} == {"meta"}
     assert walk["peak_weight_bytes"] > 0
+    assert all(p.device.type == "cpu" for p in gm.parameters())  # the graph itself stays on the host
+
+
+def test_recording_on_another_device_moves_every_input_there(deep_gm):
+    """``record_outputs`` (the residual order's statistics) on a host graph computed elsewhere (the meta
+    device stands in for a GPU): weights and the tensors of factories traced with the host's device
+    (the attention mask's ``ones``, OPT's positions) all reach the compute device. The opt-30b bench's
+    host graph failed exactly here (an index on the host, the embedding on the GPU)."""
+    from llmq_fx.graph import record_outputs
+
+    gm = copy.deepcopy(deep_gm)
+    assert any(n.kwargs.get("device") == torch.device("cpu") for n in gm.graph.nodes if n.op == "call_function")
+    watched = [n for n in gm.graph.nodes if n.target == torch.ops.aten.embedding.default]
+    assert len(watched) == 2  # the token and the position embeddings
+    ids = torch.randint(0, 96, (2, 16))
+    host = {}
+    record_outputs(gm, [ids], {n: (lambda out, n=n: host.setdefault(n, out)) for n in watched})
+    assert {out.device.type for out in host.values()} == {"cpu"}
+    gm.meta.setdefault("llmq_fx", {})["device"] = "meta"
+    seen = {}
+    record_outputs(gm, [ids], {n: (lambda out, n=n: seen.setdefault(n, out)) for n in watched})
+    assert {out.device.type for out in seen.values()} == {"meta"}
+    assert all(seen[n].shape == host[n].shape for n in watched)
     assert all(p.device.type == "cpu" for p in gm.parameters())  # the graph itself stays on the host
 
 

@@ -36,7 +36,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import time
+from collections import defaultdict
 from collections.abc import Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -113,6 +116,8 @@ class SequentialGPTQPass(CalibratedPass, GPTQPass):
         records = meta.setdefault("gptq", {})
         modified = False
 
+        clock = _PhaseClock(compute_device(gm))
+
         def on_site(inputs: SiteInputs) -> SiteResult:
             nonlocal modified
             site = inputs.site
@@ -133,27 +138,33 @@ class SequentialGPTQPass(CalibratedPass, GPTQPass):
             quant = self.options.activation.for_site(channels)
             pairs = observed()
             if self.options.clip_search:  # one pass over the inputs to choose the ratio, a second for the moments
-                quant = self._search_clip(gm, linears, quant, (x_q for _, x_q in pairs))
+                with clock("clip_search"):
+                    quant = self._search_clip(gm, linears, quant, (x_q for _, x_q in pairs))
                 site.record.activation = quant
                 pairs = iter(inputs)
             device = compute_device(gm)
             precision = _moments_precision(device)
-            hessian, cross = _moments(pairs, quant, channels, device, precision)
-            # Factored once for the site's Linears (the act-aware solve and GPTQ's inverse factor).
-            factor = qmath.damped_hessian_factor(hessian, self.options.damp, self.options.act_order)
+            with clock("moments"):
+                hessian, cross = _moments(pairs, quant, channels, device, precision)
+            with clock("factor"):
+                # Factored once for the site's Linears (the act-aware solve and GPTQ's inverse factor).
+                factor = qmath.damped_hessian_factor(hessian, self.options.damp, self.options.act_order)
             if precision == "tf32" and factor is None:
                 # TF32's rounding left the damped Hessian short of positive definite: float32, one more pass.
                 logger.info("%s: TF32 Hessian not positive definite at dampening %g; recomputed in float32",
                             site.name, self.options.damp)
                 precision = "float32"
-                hessian, cross = _moments(iter(inputs), quant, channels, device, precision)
+                with clock("moments"):
+                    hessian, cross = _moments(iter(inputs), quant, channels, device, precision)
             if factor is None:  # float32 moments: more dampening where rounding needs it, or a clear error
-                factor = self._site_factor(hessian, site.name)
+                with clock("factor"):
+                    factor = self._site_factor(hessian, site.name)
             overrides = {}
             for linear in linears:
                 weight = attr(gm, linear.args[1].target)
                 weight = weight.to(traced_dtype(linear.args[1]) or weight.dtype)  # as the float lane computes
-                record = self._quantize_linear(gm, linear, hessian, site.name, cross, factor)
+                with clock("round"):
+                    record = self._quantize_linear(gm, linear, hessian, site.name, cross, factor)
                 records[module_path(linear)] = dict(record, sequential=True, moments=precision)
                 overrides[linear.args[1]] = weight  # the float lane keeps the float weight
                 modified = True
@@ -164,7 +175,8 @@ class SequentialGPTQPass(CalibratedPass, GPTQPass):
                             budget=self._budget(compute_device(gm)))
         check_statistics(gm)
         meta["calib_tokens"] = sum(b.numel() for b in batches)
-        meta["lockstep"] = dict(walk, device=str(compute_device(gm)), dtype=self.options.calib_dtype)
+        meta["lockstep"] = dict(walk, device=str(compute_device(gm)), dtype=self.options.calib_dtype,
+                                site_seconds=clock.seconds())
         gm.graph.eliminate_dead_code()
         gm.graph.lint()
         gm.recompile()
@@ -185,6 +197,39 @@ class SequentialGPTQPass(CalibratedPass, GPTQPass):
         candidates = [dataclasses.replace(quant, clip_ratio=r) for r in self.options.clip_search]
         errors = qmath.activation_error(weight, xs, candidates)
         return candidates[int(torch.stack(errors).argmin())]
+
+
+class _PhaseClock:
+    """Seconds spent per phase of the sites' own work (``clip_search``, ``moments``, ``factor``, ``round``),
+    summed over the sites; the walk's two lanes are the rest of the stage. On CUDA the phases are timed
+    with events on the compute device's stream, read once at the end, so timing adds no waits."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.spans: list[tuple[str, object, object]] = []
+        self.host: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, phase: str):
+        if not self.cuda:
+            t0 = time.perf_counter()
+            yield
+            self.host[phase] += time.perf_counter() - t0
+            return
+        start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+        start.record(torch.cuda.current_stream(self.device))
+        yield
+        end.record(torch.cuda.current_stream(self.device))
+        self.spans.append((phase, start, end))
+
+    def seconds(self) -> dict[str, float]:
+        out = defaultdict(float, self.host)
+        if self.spans:
+            torch.cuda.synchronize(self.device)
+        for phase, start, end in self.spans:
+            out[phase] += start.elapsed_time(end) / 1000
+        return {k: round(v, 3) for k, v in out.items()}
 
 
 def _moments_precision(device: torch.device) -> str:
