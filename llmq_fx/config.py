@@ -82,6 +82,9 @@ class QuantConfig:
         a_clip_search: with sequential GPTQ, candidate activation clip ratios: each site takes the one
             minimizing its Linears' output error from activation quantization, on the quantized
             model's inputs (``SequentialGPTQPass``), instead of ``a_clip_ratio``; None = no search.
+        a_clip_search_tokens: the search's errors are summed over the first calibration batches
+            holding at least this many tokens (a choice among a few ratios, made as well on 32768
+            tokens as on more: the search costs a product per candidate per token); None = all batches.
         embed_bits / embed_group_size: the token embedding table as integer codes of this many bits,
             one scale per ``embed_group_size`` columns of a row (None: float). Exported as
             ``GatherBlockQuantized`` (``QuantizeEmbeddingsPass``).
@@ -136,6 +139,7 @@ class QuantConfig:
     gptq_act_aware: float | None = 0.3
     gptq_sequential: bool = True
     a_clip_search: list[float] | None = field(default_factory=lambda: [0.8, 0.85, 0.9, 0.95, 1.0])
+    a_clip_search_tokens: int | None = 32768
     embed_bits: int | None = 4
     embed_group_size: int | None = 32
     lm_head_bits: int | None = 8
@@ -189,6 +193,9 @@ class QuantConfig:
             or not all(isinstance(r, (int, float)) and not isinstance(r, bool) and 0 < r <= 1 for r in cs)
         ):
             raise ConfigError(f"config key 'a_clip_search' must be a non-empty list of ratios in (0, 1] or null, got {cs!r}")
+        ct = self.a_clip_search_tokens
+        if ct is not None and (not isinstance(ct, int) or isinstance(ct, bool) or ct < 1):
+            raise ConfigError(f"config key 'a_clip_search_tokens' must be a positive integer or null, got {ct!r}")
         c = self.a_clip_ratio
         if not isinstance(c, (int, float)) or isinstance(c, bool) or not 0 < c <= 1:
             raise ConfigError(f"config key 'a_clip_ratio' must be in (0, 1], got {c!r}")

@@ -22,11 +22,12 @@ from llmq_fx.stats import ActivationObserver
 QUANT = ActivationSpec(4, symmetric=False, group_size=16, clip_ratio=0.9)
 
 
-def _sequential(gm, calib, skip=(), strength=0.5, clip_search=None):
+def _sequential(gm, calib, skip=(), strength=0.5, clip_search=None, clip_search_tokens=None):
     observed = copy.deepcopy(gm)
     InsertObserversPass()(observed)
     sequential = SequentialGPTQPass(weight=WeightSpec(4, clip=True), activation=QUANT, act_aware=strength,
-                                    skip=("lm_head", *skip), clip_search=clip_search)
+                                    skip=("lm_head", *skip), clip_search=clip_search,
+                                    clip_search_tokens=clip_search_tokens)
     sequential.with_calibration(calibration_batches(calib, 2), progress=False)(observed)
     return observed
 
@@ -165,6 +166,31 @@ def test_clip_search_picks_the_ratio_of_least_output_error(opt_gm, calib):
         errors[r] = float(((q.reshape(x.shape) - x) @ w.T).square().sum())
     assert first.record.activation.clip_ratio == min(errors, key=errors.get)
     assert len(set(errors.values())) == 3
+
+
+@pytest.mark.parametrize("cap, summed", [(None, 6 * 24), (40, 2 * 24), (48, 2 * 24), (49, 4 * 24)])
+def test_clip_search_sums_the_first_batches_up_to_its_token_count(opt_gm, calib, monkeypatch, cap, summed):
+    """``clip_search_tokens``: each site's errors are summed over the first batches (of 2 x 24 tokens here)
+    that reach the count; every batch still passes the observers and the moments."""
+    seen = []
+    error = sequential_gptq.qmath.activation_error
+
+    def counting(weight, xs, quantizers):
+        xs = list(xs)
+        seen.append(sum(x.numel() // x.shape[-1] for x in xs))
+        return error(weight, xs, quantizers)
+
+    monkeypatch.setattr(sequential_gptq.qmath, "activation_error", counting)
+    qgm = _sequential(opt_gm, calib, clip_search=[0.8, 1.0], clip_search_tokens=cap)
+    assert seen and set(seen) == {summed}
+    assert all(s.module.stats().count == calib.numel() for s in observer_sites(qgm))
+    assert qgm.meta["llmq_fx"]["calib_tokens"] == calib.numel()
+
+
+def test_clip_search_tokens_is_checked():
+    with pytest.raises(llmq_fx.ConfigError, match="a_clip_search_tokens"):
+        llmq_fx.QuantConfig(a_clip_search_tokens=0)
+    assert llmq_fx.QuantConfig(a_clip_search_tokens=None).a_clip_search_tokens is None
 
 
 @pytest.mark.parametrize("outputs", [48, 8])

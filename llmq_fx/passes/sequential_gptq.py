@@ -70,6 +70,8 @@ class SequentialGPTQOptions(GPTQOptions):
         activation: the dynamic activation scheme the Linears will read through (its group size an
             upper bound, resolved per site by ``ActivationSpec.for_site``).
         clip_search: candidate activation clip ratios, one chosen per site; None keeps ``activation``'s.
+        clip_search_tokens: the search sums its errors over the first batches holding at least this
+            many tokens (every batch still passes the observers); None: over all batches.
         calib_dtype: the floating dtype of the walk's two lanes ("float32" or "bfloat16");
             the moments are taken and GPTQ computes in float32 either way.
         cache_gib: the most GiB of activations the walk keeps across batches (``run_lockstep``'s
@@ -79,6 +81,7 @@ class SequentialGPTQOptions(GPTQOptions):
     act_aware: float | None = 0.5
     activation: ActivationSpec = field(default_factory=ActivationSpec)
     clip_search: tuple[float, ...] | None = None
+    clip_search_tokens: int | None = None
     calib_dtype: str = "float32"
     cache_gib: float | None = None
 
@@ -107,6 +110,7 @@ class SequentialGPTQPass(CalibratedPass, GPTQPass):
         clip = tuple(float(r) for r in config.a_clip_search) if config.a_clip_search else None
         return cls(SequentialGPTQOptions(
             act_aware=float(config.gptq_act_aware), activation=config.activation_spec(), clip_search=clip,
+            clip_search_tokens=config.a_clip_search_tokens,
             calib_dtype=config.calib_dtype, cache_gib=config.calib_cache_gib,
             **GPTQOptions.config_fields(config),
         ))
@@ -195,8 +199,18 @@ class SequentialGPTQPass(CalibratedPass, GPTQPass):
         over the site's Linears (``qmath.activation_error``; ``xs`` read once)."""
         weight = torch.cat([read_attr(gm, c.args[1].target) for c in linears])
         candidates = [dataclasses.replace(quant, clip_ratio=r) for r in self.options.clip_search]
-        errors = qmath.activation_error(weight, xs, candidates)
+        errors = qmath.activation_error(weight, _first_tokens(xs, self.options.clip_search_tokens), candidates)
         return candidates[int(torch.stack(errors).argmin())]
+
+
+def _first_tokens(xs: Iterable[torch.Tensor], tokens: int | None) -> Iterable[torch.Tensor]:
+    """The batches of ``xs`` up to the first one that brings the count of tokens (rows of ``[..., C]``)
+    to ``tokens``; the rest are still drawn from ``xs`` (the walk and the observers advance), not yielded."""
+    seen = 0
+    for x in xs:
+        if tokens is None or seen < tokens:
+            yield x
+        seen += x.numel() // x.shape[-1]
 
 
 class _PhaseClock:
