@@ -330,6 +330,10 @@ def markdown(data: dict) -> str:
             lines.append("| activations kept across batches by the walk, peak MiB (sites recomputed) | " + " | ".join(
                 f"{_num(w['peak_state_bytes'] / MIB, '.0f')} ({w['recomputed_sites']})" if "peak_state_bytes" in (w := e.get("lockstep") or {}) else "–"
                 for e in entries.values()) + " |")
+        if any((e.get("lockstep") or {}).get("site_seconds") for e in entries.values()):
+            lines.append("| gptq stage: the sites' own work, s: clip search (with the lanes' first pass) / moments / factor / round | "
+                         + " | ".join(" / ".join(f"{w[k]:.1f}" for k in ("clip_search", "moments", "factor", "round") if k in w)
+                                      if (w := (e.get("lockstep") or {}).get("site_seconds")) else "–" for e in entries.values()) + " |")
         lines.append("| model (parameters) | " + " | ".join(f"{e['model']} ({e['parameters'] / 1e6:.0f} M, {e['dtype']})" for e in entries.values()) + " |")
         lines += ["", "| stage | " + " | ".join(f"{n} s | " + " | ".join(m for _, m in mems) for n in entries) + " |",
                   "|---|" + "---:|" * (len(entries) * (1 + len(mems)))]
