@@ -23,7 +23,9 @@ For each model, one onnxruntime-genai folder per row, each built in this run:
   in groups of 32 for the embedding and the lm_head, shared where the model ties them
   (``RotateOptions.keep_tied``), rounded by GPTQ on the lm_head's inputs (``lm_head_gptq``);
 * ``ours-w4a16``: ``{"a_bits": null}`` with the same tables (rotation + GPTQ weights, activations
-  float), exported the same way.
+  float), exported the same way;
+* ``ours-NAME`` for each ``--extra NAME=JSON``: ``QuantConfig()`` overridden by that JSON, exported as
+  ``ours-w4a4`` is (e.g. ``--extra 'a16={"a_group_size": 16}'`` for finer activation groups).
 
 Every row is measured in child processes with the same onnxruntime thread count (``--threads``, set in
 each folder's ``genai_config.json`` and in the perplexity session):
@@ -343,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["opt-mini", "smollm2-135m"])
     p.add_argument("--rows", nargs="+", default=list(DEFAULT_ROWS), choices=ROWS)
+    p.add_argument("--extra", action="append", default=[], metavar="NAME=JSON",
+                   help="one more row, ours-NAME: QuantConfig() overridden by JSON, exported as ours-w4a4 is")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--prompt-tokens", type=int, default=512)
@@ -361,6 +365,19 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.measure:
         return _child(args)
+    import llmq_fx  # imported where used, as elsewhere in this script
+
+    for extra in args.extra:
+        name, sep, text = extra.partition("=")
+        try:
+            config = json.loads(text) if sep and name else None
+            if not isinstance(config, dict):
+                raise ValueError("expected NAME={...}")
+            llmq_fx.QuantConfig(**config)
+        except (ValueError, TypeError, llmq_fx.ConfigError) as err:
+            p.error(f"--extra {extra!r}: {err}")
+        CONFIGS[f"ours-{name}"] = config
+        args.rows.append(f"ours-{name}")
 
     sys.path.insert(0, str(BENCH))
     from quality import splice_results_md

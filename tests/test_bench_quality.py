@@ -135,3 +135,17 @@ def test_readme_deployment_table_is_generated_from_the_deploy_json():
     assert block == readme.deploy_block(report), "README.md deployment block is stale: run python bench/readme.py"
     ours = next(r for r in report["rows"] if r["row"] == "ours-w4a4" and "mib" in r)
     assert f"{ours['decode_tokens_per_s']:.1f}" in block
+
+
+@pytest.mark.parametrize("extra, message", [("a16=[16]", "expected NAME="), ('a16={"a_group_size": 0}', "a_group_size"),
+                                            ('={"a_group_size": 16}', "expected NAME=")])
+def test_deploy_extra_rows_are_checked_before_any_work(extra, message, capsys, tmp_path):
+    """bench/deploy.py --extra NAME=JSON: a bad row stops the run at once, naming the argument (argparse's exit 2)."""
+    path = Path(__file__).resolve().parents[1] / "bench" / "deploy.py"
+    spec = importlib.util.spec_from_file_location("bench_deploy", path)
+    deploy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(deploy)
+    with pytest.raises(SystemExit) as exit_info:
+        deploy.main(["--models", "opt-mini", "--extra", extra, "--out", str(tmp_path / "d")])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
