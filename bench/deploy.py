@@ -365,22 +365,17 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.measure:
         return _child(args)
-    import llmq_fx  # imported where used, as elsewhere in this script
+    sys.path.insert(0, str(BENCH))
+    import llmq_fx
+    from quality import parse_extra, splice_results_md  # the same NAME=JSON rows as bench/quality.py
 
     for extra in args.extra:
-        name, sep, text = extra.partition("=")
         try:
-            config = json.loads(text) if sep and name else None
-            if not isinstance(config, dict):
-                raise ValueError("expected NAME={...}")
-            llmq_fx.QuantConfig(**config)
-        except (ValueError, TypeError, llmq_fx.ConfigError) as err:
-            p.error(f"--extra {extra!r}: {err}")
-        CONFIGS[f"ours-{name}"] = config
+            name, recipe = parse_extra(extra)
+        except (ValueError, llmq_fx.ConfigError) as err:
+            p.error(str(err))
+        CONFIGS[f"ours-{name}"] = recipe["config"]
         args.rows.append(f"ours-{name}")
-
-    sys.path.insert(0, str(BENCH))
-    from quality import splice_results_md
 
     argv = sys.argv[1:] if argv is None else argv
     report = {"command": "python bench/deploy.py " + " ".join(shlex.quote(a) for a in argv),

@@ -137,8 +137,8 @@ def test_readme_deployment_table_is_generated_from_the_deploy_json():
     assert f"{ours['decode_tokens_per_s']:.1f}" in block
 
 
-@pytest.mark.parametrize("extra, message", [("a16=[16]", "expected NAME="), ('a16={"a_group_size": 0}', "a_group_size"),
-                                            ('={"a_group_size": 16}', "expected NAME=")])
+@pytest.mark.parametrize("extra, message", [("a16=[16]", "must be an object"), ('a16={"a_group_size": 0}', "a_group_size"),
+                                            ('={"a_group_size": 16}', "takes NAME=JSON")])
 def test_deploy_extra_rows_are_checked_before_any_work(extra, message, capsys, tmp_path):
     """bench/deploy.py --extra NAME=JSON: a bad row stops the run at once, naming the argument (argparse's exit 2)."""
     path = Path(__file__).resolve().parents[1] / "bench" / "deploy.py"
