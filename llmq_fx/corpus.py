@@ -133,6 +133,8 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
 
 def calibration_set(tokens: torch.Tensor, n_samples: int, seq_len: int) -> torch.Tensor:
     """``[n, seq_len]`` consecutive non-overlapping windows from the start of a token stream."""
+    if n_samples < 1 or seq_len < 1:
+        raise CalibrationError(f"calibration needs at least one window of at least one token, got {n_samples} x {seq_len}")
     n = min(n_samples, tokens.numel() // seq_len)
     if n == 0:
         raise CalibrationError(f"calibration text has {tokens.numel()} tokens, fewer than one window of {seq_len}")

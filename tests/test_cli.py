@@ -131,6 +131,8 @@ def test_a_failed_run_leaves_nothing_and_keeps_the_previous_result(tmp_path):
          "{tmp}/garbage.npy is not a NumPy .npy file"),
         (["quantize", "--model", "opt-tiny-random", "--calib", "{tmp}/dict.pt", "--out", "{tmp}/o"],
          "{tmp}/dict.pt must hold one tensor of token ids"),
+        (["quantize", "--model", "opt-tiny-random", "--calib-samples", "0", "--out", "{tmp}/o"],
+         "calibration needs at least one window of at least one token, got 0 x 512"),
     ],
 )
 def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys, argv, message):
